@@ -1,0 +1,27 @@
+# Every target creates .venv on first use. torch and torchvision are pinned here to the
+# releases this machine's pip serves from local disk; the package itself asks for ranges.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.14.1 torchvision==0.29.1
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: venv test test-all clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(PYTEST) -n 2
+
+test-all: venv
+	$(PYTEST) -n 2 -m ''
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,122 @@
+"""Rewrite a traced graph: every recognised op whose kind the method covers becomes its rule.
+
+The node is replaced by a ``call_function`` of the rule's function with the op's normalised
+arguments (:mod:`tsgb_fx.ops`) as keywords; module parameters become ``get_attr`` nodes that
+point at the very same tensors. Everything else stays as traced and keeps plain autograd.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .methods import Rule
+from .ops import Attr, OpSite, find_op_sites
+
+
+@dataclass(frozen=True)
+class RuleSite:
+    """What the rewrite decided for one node: its kind, the rule applied, the module it came from."""
+
+    kind: str
+    rule: str
+    module: str
+
+    def __repr__(self) -> str:
+        where = f" in {self.module!r}" if self.module else ""
+        return f"<{self.kind}: {self.rule}{where}>"
+
+
+# Ops through which a linear op's output can reach the model output and still be "the logits".
+_TRANSPARENT_FUNCTIONS = {
+    operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+    torch.clone, torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid,
+    torch.softmax, torch.log_softmax, F.relu, F.dropout, F.softmax, F.log_softmax, F.sigmoid,
+}
+_TRANSPARENT_METHODS = {
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "permute", "transpose",
+    "float", "double", "half", "to", "type_as", "clone", "relu", "sigmoid", "softmax",
+    "log_softmax", "add", "sub", "mul", "div",
+}
+_TRANSPARENT_ATEN = {
+    "view", "_unsafe_view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
+    "t", "clone", "contiguous", "expand", "alias", "detach", "add", "sub", "mul", "div", "neg",
+    "relu", "sigmoid", "dropout", "_to_copy", "to", "softmax", "_softmax", "log_softmax",
+    "_log_softmax",
+}
+_TRANSPARENT_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.Sigmoid,
+    nn.Softmax, nn.LogSoftmax,
+)
+
+
+def _is_transparent(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return node.target in _TRANSPARENT_METHODS
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _TRANSPARENT_MODULES)
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.name.split("::")[-1] in _TRANSPARENT_ATEN
+        return node.target in _TRANSPARENT_FUNCTIONS
+    return False
+
+
+def find_classifiers(graph_module: fx.GraphModule, sites: list[OpSite]) -> set[fx.Node]:
+    """Linear ops whose output reaches the graph output through shape-only or elementwise ops."""
+    linear_nodes = {site.node for site in sites if site.kind == "linear"}
+    modules = dict(graph_module.named_modules())
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    frontier = [arg for node in graph_module.graph.nodes if node.op == "output" for arg in node.all_input_nodes]
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in linear_nodes:
+            found.add(node)
+        elif _is_transparent(node, modules):
+            frontier.extend(node.all_input_nodes)
+    return found
+
+
+def _materialise(graph: fx.Graph, value, replaced: Mapping[fx.Node, fx.Node]):
+    """A rule argument as a graph value: parameters become get_attr nodes, replaced nodes their rule."""
+    if isinstance(value, Attr):
+        return graph.get_attr(value.path)
+    if isinstance(value, fx.Node):
+        return replaced.get(value, value)
+    return value
+
+
+def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> dict[str, RuleSite]:
+    """Apply ``method`` to ``graph_module`` in place; return node name -> :class:`RuleSite`."""
+    graph = graph_module.graph
+    sites = find_op_sites(graph_module)
+    classifiers = find_classifiers(graph_module, sites)
+    decided: dict[str, RuleSite] = {}
+    replaced: dict[fx.Node, fx.Node] = {}
+    for site in sites:
+        kind = "classifier" if site.node in classifiers else site.kind
+        rule = method.get(kind)
+        decided[site.node.name] = RuleSite(kind, rule.name if rule else "gradient", site.module)
+        if rule is None:
+            continue
+        with graph.inserting_before(site.node):
+            arguments = {name: _materialise(graph, value, replaced) for name, value in site.arguments.items()}
+            replacement = graph.call_function(rule.function, kwargs={**arguments, **rule.options})
+        replacement.meta = dict(site.node.meta)
+        site.node.replace_all_uses_with(replacement)
+        replaced[site.node] = replacement
+        graph.erase_node(site.node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph_module.recompile()
+    return decided

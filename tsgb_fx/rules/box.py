@@ -1,0 +1,96 @@
+"""All-ones box sums over a convolution's windows, and their transposes.
+
+TSGB-Conv needs two linear maps that share a convolution's geometry (kernel size, stride,
+padding, dilation) but not its learned weights:
+
+* ``box(s)``: for every output position, the sum of ``s`` over its receptive field, i.e. a
+  convolution of ``s`` with an all-ones kernel;
+* ``box_transpose(r)``: the adjoint, which spreads every output value back over its receptive
+  field, i.e. the transposed convolution with the same all-ones kernel. ``output_padding``
+  restores the rows and columns the forward dropped when ``(size + 2 * padding - span)`` was not
+  a multiple of the stride, so the result has exactly the input's spatial size.
+
+Both work on ``channels`` independent maps at once (a grouped convolution with one all-ones
+filter per map), which serves the per-group variant of TSGB-Conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Kernel size, stride, zero padding and dilation of an N-d convolution, one int per axis."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_size)
+
+    def output_size(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
+        """Spatial output size of the convolution for a given spatial input size."""
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(
+                input_size, self.kernel_size, self.stride, self.padding, self.dilation
+            )
+        )
+
+    def output_padding(self, input_size, output_size) -> tuple[int, ...]:
+        """Rows/columns the forward dropped: what the transpose must add back to reach ``input_size``."""
+        return tuple(
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, k, s, p, d in zip(
+                input_size, output_size, self.kernel_size, self.stride, self.padding, self.dilation
+            )
+        )
+
+
+def per_axis(value, ndim: int) -> tuple[int, ...]:
+    """An int or a per-axis sequence (as PyTorch accepts both) as a tuple of ``ndim`` ints."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return tuple(int(v) for v in (values * ndim if len(values) == 1 else values))
+
+
+def _ones_kernel(geometry: WindowGeometry, channels: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((channels, 1, *geometry.kernel_size), dtype=like.dtype, device=like.device)
+
+
+def box(s: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+    """Sum of ``s`` (N, G, *spatial) over every window: ``conv(s, ones)`` per channel."""
+    channels = s.shape[1]
+    return _CONV[geometry.ndim](
+        s,
+        _ones_kernel(geometry, channels, s),
+        None,
+        geometry.stride,
+        geometry.padding,
+        geometry.dilation,
+        channels,
+    )
+
+
+def box_transpose(r: torch.Tensor, geometry: WindowGeometry, input_size) -> torch.Tensor:
+    """Adjoint of :func:`box`: spread ``r`` (N, G, *out) over each window, sized to ``input_size``."""
+    channels = r.shape[1]
+    return _CONV_TRANSPOSE[geometry.ndim](
+        r,
+        _ones_kernel(geometry, channels, r),
+        None,
+        geometry.stride,
+        geometry.padding,
+        geometry.output_padding(tuple(input_size), tuple(r.shape[2:])),
+        channels,
+        geometry.dilation,
+    )

@@ -1,0 +1,116 @@
+"""TSGB-Conv: carry the signal through a convolution without its learned weights.
+
+For a convolution with input ``x`` (N, C_in, *S_in) and output ``y`` (N, C_out, *S_out) that
+receives the signal ``g`` at ``y`` (TSGB.md, "TSGB-Conv")::
+
+    c   = sum_{output channels} g * y                       relevance per output position
+    z   = Box(sum_{input channels} |x|)                     input mass per receptive field
+    r   = c / (z + eps)
+    g_x = sign(x) * BoxT(r)                                 broadcast over input channels
+
+``Box`` is a convolution with an all-ones kernel of the layer's size, stride, padding and
+dilation; ``BoxT`` its transpose. Hence ``g_x * x = |x| * BoxT(r)``: each output position's
+relevance ``c`` is split over its receptive field in proportion to ``|x|`` and, wherever
+``z > 0``, conserved. Where ``z == 0`` every ``x`` in the window is 0, so ``sign(x)`` zeroes
+whatever ``r`` spreads there: ``eps`` only keeps the division finite and never changes a map
+where ``z`` is far above it (ordinary inputs).
+
+``conv_groups="reference"`` sums over all channels whatever the layer's groups, as the
+authors' code does. ``conv_groups="layer"`` keeps the layer's connectivity: the four steps run
+per group (identical for ``groups == 1``).
+
+Padding modes other than zeros and asymmetric or ``'same'`` padding never reach this rule: the
+rewrite turns them into an explicit ``F.pad`` (plain autograd) followed by a convolution with
+symmetric zero padding, which is exactly the geometry ``Box`` needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .box import WindowGeometry, box, box_transpose, per_axis
+
+EPS = 1e-10
+CONV_GROUPS = ("reference", "layer")
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def tsgb_conv_backward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    g: torch.Tensor,
+    geometry: WindowGeometry,
+    groups: int,
+    conv_groups: str,
+) -> torch.Tensor:
+    """The signal TSGB-Conv sends to ``x``, a pure function of (x, y, g) and the geometry."""
+    rule_groups = groups if conv_groups == "layer" else 1
+    relevance = (g * y).unflatten(1, (rule_groups, -1)).sum(2)  # c: (N, G, *S_out)
+    mass = x.abs().unflatten(1, (rule_groups, -1)).sum(2)  # (N, G, *S_in)
+    ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
+    spread = box_transpose(ratio, geometry, x.shape[2:])  # BoxT(r): (N, G, *S_in)
+    return (x.sign().unflatten(1, (rule_groups, -1)) * spread.unsqueeze(2)).flatten(1, 2)
+
+
+class TSGBConvFunction(torch.autograd.Function):
+    """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups):
+        return _CONV[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, stride, padding, dilation, groups, conv_groups = inputs
+        ctx.save_for_backward(x, output)
+        ctx.geometry = WindowGeometry(tuple(weight.shape[2:]), stride, padding, dilation)
+        ctx.groups = groups
+        ctx.conv_groups = conv_groups
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = tsgb_conv_backward(x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups)
+        return g_x, None, None, None, None, None, None, None
+
+
+def _explicit_padding(x, weight, padding, dilation, padding_mode):
+    """Turn 'same'/'valid', asymmetric and non-zero padding into (padded x, symmetric zero padding).
+
+    PyTorch's 'same' puts the odd extra row on the right; a non-zero ``padding_mode`` pads with
+    that mode and convolves without padding. The explicit ``F.pad`` keeps its plain gradient.
+    """
+    ndim = weight.dim() - 2
+    if padding == "valid":
+        return x, (0,) * ndim
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        left = tuple(t // 2 for t in total)
+        if all(t % 2 == 0 for t in total) and padding_mode == "zeros":
+            return x, left
+        pairs = [(low, t - low) for low, t in zip(left, total)]
+    else:
+        padding = per_axis(padding, ndim)
+        if padding_mode == "zeros":
+            return x, padding
+        pairs = [(p, p) for p in padding]
+    flat = [amount for pair in reversed(pairs) for amount in pair]  # F.pad wants the last axis first
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return torch.nn.functional.pad(x, flat, mode=mode), (0,) * ndim
+
+
+def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
+              conv_groups="reference"):
+    """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
+
+    Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
+    ``'valid'``, and a module's ``padding_mode``.
+    """
+    ndim = weight.dim() - 2
+    stride, dilation = per_axis(stride, ndim), per_axis(dilation, ndim)
+    x, padding = _explicit_padding(x, weight, padding, dilation, padding_mode)
+    return TSGBConvFunction.apply(x, weight, bias, stride, padding, dilation, groups, conv_groups)
