@@ -115,6 +115,16 @@ class Explainer(nn.Module):
             saliency = attribution.sum(dim=1, keepdim=True)
         return Explanation(saliency, attribution, logits, targets)
 
+    def explicit(self) -> fx.GraphModule:
+        """The whole explanation as one plain graph: ``forward(image, target) -> (logits, saliency)``.
+
+        Forward plus rule backward written out as ordinary tensor ops (no autograd at run time),
+        ``target < 0`` meaning each image's top-1 class; see :mod:`tsgb_fx.explicit`.
+        """
+        from .explicit import explicit_module
+
+        return explicit_module(self)
+
     # -- checks -----------------------------------------------------------------------------
 
     def _reference_tensor(self) -> torch.Tensor | None:
