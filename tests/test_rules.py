@@ -1,0 +1,250 @@
+"""Each rule's backward against the TSGB.md formula, computed independently here in float64.
+
+The independent computations avoid the library's building blocks: TSGB-Conv is evaluated window
+by window with explicit index arithmetic (no all-ones convolutions), average-pooling transposes
+come from autograd of ``F.avg_poolNd``, and padding modes are undone with autograd of ``F.pad``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tsgb_fx.rules import ratio_avg_pool, ratio_batch_norm, tsgb_conv, tsgb_linear
+
+EPS = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def stabilised(x):
+    """TSGB.md's ratio-rule denominator: x + eps * sign(x), with sign(0) = +1."""
+    return x + EPS * torch.where(x >= 0, 1.0, -1.0)
+
+
+def rule_gradient(function, x, g, *args, **kwargs):
+    x = x.clone().requires_grad_(True)
+    y = function(x, *args, **kwargs)
+    (g_x,) = torch.autograd.grad(y, x, g)
+    return y.detach(), g_x
+
+
+# --------------------------------------------------------------------------- TSGB-Conv
+
+
+def _padded(x, conv: nn.Module):
+    """The input the convolution's windows actually see, built with F.pad."""
+    ndim = x.dim() - 2
+    if isinstance(conv.padding, str):  # 'same': PyTorch puts the odd extra on the right
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        pairs = [(t // 2, t - t // 2) for t in total]
+    else:
+        pairs = [(p, p) for p in conv.padding]
+    flat = [a for pair in reversed(pairs) for a in pair]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, flat, mode=mode) if any(flat) else x.clone(), ndim
+
+
+def reference_tsgb_conv(x, g, conv: nn.Module, conv_groups="reference"):
+    """TSGB-Conv of TSGB.md, window by window, for a conv module; returns g_x."""
+    x = x.detach().requires_grad_(True)
+    xp, ndim = _padded(x, conv)
+    y = conv(x).detach()
+    groups = conv.groups if conv_groups == "layer" else 1
+    cin, cout = x.shape[1] // groups, y.shape[1] // groups
+    g_xp = torch.zeros_like(xp)
+    for out_index in itertools.product(*(range(n) for n in y.shape[2:])):
+        window = [
+            [o * s + d * k for k in range(ks)]
+            for o, s, d, ks in zip(out_index, conv.stride, conv.dilation, conv.kernel_size)
+        ]
+        for group in range(groups):
+            channels_in = slice(group * cin, (group + 1) * cin)
+            channels_out = slice(group * cout, (group + 1) * cout)
+            c = (g[(slice(None), channels_out, *out_index)] * y[(slice(None), channels_out, *out_index)]).sum(1)
+            z = torch.zeros_like(c)
+            for position in itertools.product(*window):
+                z += xp[(slice(None), channels_in, *position)].detach().abs().sum(1)
+            r = c / (z + EPS)
+            for position in itertools.product(*window):
+                index = (slice(None), channels_in, *position)
+                g_xp[index] += xp[index].detach().sign() * r[:, None]
+    (g_x,) = torch.autograd.grad(xp, x, g_xp)  # undo the padding (zeros, reflect, ...)
+    return g_x
+
+
+def _conv_case(ndim, cin, cout, size, **kwargs):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim](cin, cout, **kwargs)
+    with torch.no_grad():
+        conv.bias.normal_() if conv.bias is not None else None
+    x = torch.randn(2, cin, *size)
+    return conv, x
+
+
+CONV_CASES = {
+    "plain": (2, 3, 4, (7, 7), dict(kernel_size=3)),
+    "stride2-odd": (2, 3, 5, (9, 8), dict(kernel_size=3, stride=2, padding=1)),
+    "stride3-dropped-rows": (2, 2, 3, (10, 11), dict(kernel_size=2, stride=3)),
+    "dilation": (2, 2, 3, (9, 9), dict(kernel_size=3, dilation=2, padding=2)),
+    "asymmetric-kernel": (2, 3, 2, (8, 7), dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))),
+    "groups": (2, 4, 6, (6, 6), dict(kernel_size=3, groups=2, padding=1)),
+    "depthwise": (2, 4, 4, (7, 6), dict(kernel_size=3, groups=4, stride=2, padding=1)),
+    "same-even-kernel": (2, 3, 3, (7, 8), dict(kernel_size=4, padding="same")),
+    "same-dilated": (2, 2, 3, (8, 8), dict(kernel_size=3, padding="same", dilation=2)),
+    "reflect": (2, 3, 3, (6, 7), dict(kernel_size=3, padding=1, padding_mode="reflect")),
+    "replicate": (2, 3, 3, (6, 6), dict(kernel_size=3, padding=2, stride=2, padding_mode="replicate")),
+    "circular": (2, 2, 3, (5, 6), dict(kernel_size=3, padding=1, padding_mode="circular")),
+    "no-bias": (2, 3, 3, (6, 6), dict(kernel_size=3, bias=False)),
+    "conv1d": (1, 3, 4, (11,), dict(kernel_size=3, stride=2, padding=1)),
+    "conv1d-groups": (1, 4, 4, (9,), dict(kernel_size=3, groups=2, dilation=2)),
+    "conv3d": (3, 2, 3, (5, 4, 5), dict(kernel_size=3, stride=2, padding=1)),
+    "conv3d-depthwise": (3, 2, 2, (4, 5, 4), dict(kernel_size=(2, 3, 2), groups=2)),
+}
+
+
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_tsgb_conv_matches_window_by_window_formula(case, conv_groups):
+    torch.manual_seed(0)
+    ndim, cin, cout, size, kwargs = CONV_CASES[case]
+    conv, x = _conv_case(ndim, cin, cout, size, **kwargs)
+    expected_y = conv(x).detach()
+    g = torch.randn_like(expected_y)
+    y, g_x = rule_gradient(
+        tsgb_conv, x, g, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+        conv.padding_mode, conv_groups=conv_groups,
+    )
+    torch.testing.assert_close(y, expected_y)
+    torch.testing.assert_close(g_x, reference_tsgb_conv(x, g, conv, conv_groups), rtol=1e-9, atol=1e-9)
+
+
+def test_tsgb_conv_groups_modes_differ_only_for_grouped_convs():
+    torch.manual_seed(1)
+    for groups, should_differ in ((1, False), (3, True)):
+        conv, x = _conv_case(2, 3, 3, (6, 6), kernel_size=3, groups=groups)
+        g = torch.randn_like(conv(x))
+        args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        _, reference = rule_gradient(tsgb_conv, x, g, *args, conv_groups="reference")
+        _, layer = rule_gradient(tsgb_conv, x, g, *args, conv_groups="layer")
+        assert (not torch.allclose(reference, layer)) == should_differ
+
+
+def test_tsgb_conv_conserves_relevance_where_windows_have_mass():
+    """g_x * x summed over the input equals g * y summed over the output when every z > 0."""
+    torch.manual_seed(2)
+    conv, x = _conv_case(2, 3, 4, (9, 9), kernel_size=3, stride=2, padding=1)
+    g = torch.randn_like(conv(x))
+    y, g_x = rule_gradient(tsgb_conv, x, g, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, 1)
+    torch.testing.assert_close((g_x * x).sum(), (g * y).sum())
+
+
+def test_tsgb_conv_weight_gets_no_gradient():
+    conv, x = _conv_case(2, 3, 4, (6, 6), kernel_size=3)
+    x.requires_grad_(True)
+    y = tsgb_conv(x, conv.weight, conv.bias, 1, 0, 1, 1)
+    y.sum().backward()
+    assert conv.weight.grad is None and conv.bias.grad is None and x.grad is not None
+
+
+# --------------------------------------------------------------------------- TSGB-FC
+
+
+def test_tsgb_fc_matches_formula_per_class():
+    torch.manual_seed(3)
+    linear = nn.Linear(7, 5)
+    x = torch.rand(4, 7)
+    g = torch.randn(4, 5)
+    y, g_x = rule_gradient(tsgb_linear, x, g, linear.weight, linear.bias)
+    torch.testing.assert_close(y, linear(x).detach())
+    W = linear.weight.detach()
+    expected = torch.zeros_like(x)
+    for n in range(4):
+        for j in range(5):
+            w_pos, w_neg = W[j].clamp(min=0), W[j].clamp(max=0)
+            z_pos, z_neg = (x[n] * w_pos).sum(), (x[n] * w_neg).sum()
+            beta = z_pos / (z_neg.abs() + EPS)
+            expected[n] += g[n, j] * w_pos + g[n, j] * beta * w_neg
+    torch.testing.assert_close(g_x, expected)
+
+
+def test_tsgb_fc_balances_evidence_for_a_one_hot_target():
+    """sum_i x_i g_x,i = z+_j - beta_j |z-_j| = 0 for a one-hot signal at class j."""
+    torch.manual_seed(4)
+    linear = nn.Linear(16, 10)
+    x = torch.rand(3, 16)
+    g = F.one_hot(torch.tensor([2, 5, 9]), 10).double()
+    _, g_x = rule_gradient(tsgb_linear, x, g, linear.weight, linear.bias)
+    torch.testing.assert_close((g_x * x).sum(1), torch.zeros(3), atol=1e-9, rtol=0)
+
+
+def test_tsgb_fc_is_finite_when_negative_evidence_vanishes():
+    weight = torch.ones(3, 4)  # no negative weights: z- = 0
+    x, g = torch.rand(2, 4), torch.ones(2, 3)
+    _, g_x = rule_gradient(tsgb_linear, x, g, weight, None)
+    assert torch.isfinite(g_x).all()
+    torch.testing.assert_close(g_x, g @ weight)
+
+
+# --------------------------------------------------------------------------- ratio rules
+
+
+@pytest.mark.parametrize("bn_class,shape", [(nn.BatchNorm1d, (4, 3, 5)), (nn.BatchNorm2d, (2, 3, 4, 5)), (nn.BatchNorm3d, (2, 3, 2, 3, 4))])
+def test_batch_norm_ratio_rule(bn_class, shape):
+    torch.manual_seed(5)
+    bn = bn_class(3).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(*shape)
+    g = torch.randn(*shape)
+    y, g_x = rule_gradient(ratio_batch_norm, x, g, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    torch.testing.assert_close(y, bn(x).detach())
+    torch.testing.assert_close(g_x, g * y / stabilised(x))
+
+
+def test_batch_norm_ratio_rule_is_finite_at_zero_input():
+    x = torch.tensor([[0.0, -0.0, 1e-300]]).reshape(1, 1, 3)
+    stats = torch.zeros(1), torch.ones(1)
+    _, g_x = rule_gradient(ratio_batch_norm, x, torch.ones_like(x), *stats, torch.ones(1), torch.ones(1), 1e-5)
+    assert torch.isfinite(g_x).all()
+
+
+POOL_CASES = {
+    "2d": (nn.AvgPool2d, (2, 3, 7, 8), dict(kernel_size=2)),
+    "2d-stride-pad": (nn.AvgPool2d, (2, 3, 9, 9), dict(kernel_size=3, stride=2, padding=1)),
+    "2d-no-pad-count": (nn.AvgPool2d, (2, 2, 9, 8), dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+    "2d-ceil": (nn.AvgPool2d, (2, 2, 7, 7), dict(kernel_size=2, ceil_mode=True)),
+    "2d-divisor": (nn.AvgPool2d, (1, 2, 6, 6), dict(kernel_size=3, divisor_override=2)),
+    "1d": (nn.AvgPool1d, (2, 3, 11), dict(kernel_size=3, stride=2, padding=1)),
+    "3d": (nn.AvgPool3d, (2, 2, 5, 6, 4), dict(kernel_size=2, stride=(1, 2, 2))),
+}
+
+
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_avg_pool_ratio_rule(case):
+    torch.manual_seed(6)
+    pool_class, shape, kwargs = POOL_CASES[case]
+    pool = pool_class(**kwargs)
+    x = torch.randn(*shape)
+    y_ref = pool(x)
+    g = torch.randn_like(y_ref)
+    y, g_x = rule_gradient(
+        ratio_avg_pool, x, g, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode,
+        pool.count_include_pad, getattr(pool, "divisor_override", None),
+    )
+    torch.testing.assert_close(y, y_ref)
+    xr = x.clone().requires_grad_(True)
+    (pool_transpose,) = torch.autograd.grad(pool(xr), xr, g * y)  # AvgPoolT: the ordinary backward
+    torch.testing.assert_close(g_x, pool_transpose / stabilised(x))
