@@ -1,0 +1,140 @@
+"""A straightforward test-only TSGB, written the way the authors' code works: module swapping.
+
+Deep-copies the model, turns off in-place flags, and swaps every ``nn.Conv2d``, ``nn.BatchNorm2d``,
+``nn.AvgPool2d`` and the named classifier ``nn.Linear`` for a module whose forward calls an
+autograd Function written here from TSGB.md. Box sums use ``F.conv2d`` with an all-ones kernel;
+their transposes use ``torch.nn.grad.conv2d_input`` (not the library's conv_transpose); the
+average-pool transpose is autograd of ``F.avg_pool2d``. Saved outputs are cloned because the
+models modify them in place (``out += identity``, ``F.relu(..., inplace=True)``).
+
+Functional calls (``F.conv2d``) are invisible to module swapping; a model that uses them passes
+its own reference function (see ``FunctionalNet`` in the parity test).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-10
+
+
+def _stabilised(x):
+    return torch.where(x >= 0, x + EPS, x - EPS)
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, conv: nn.Conv2d, conv_groups: str):
+        y = conv._conv_forward(x, conv.weight, conv.bias)
+        ctx.conv, ctx.conv_groups = conv, conv_groups
+        ctx.x, ctx.y = x.detach().clone(), y.detach().clone()
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        conv, x, y = ctx.conv, ctx.x, ctx.y
+        groups = conv.groups if ctx.conv_groups == "layer" else 1
+        ones = torch.ones(groups, 1, *conv.kernel_size, dtype=x.dtype)
+        c = (g * y).reshape(y.shape[0], groups, -1, *y.shape[2:]).sum(2)
+        s = x.abs().reshape(x.shape[0], groups, -1, *x.shape[2:]).sum(2)
+        z = F.conv2d(s, ones, None, conv.stride, conv.padding, conv.dilation, groups)
+        r = c / (z + EPS)
+        spread = torch.nn.grad.conv2d_input(s.shape, ones, r, conv.stride, conv.padding, conv.dilation, groups)
+        sign = x.sign().reshape(x.shape[0], groups, -1, *x.shape[2:])
+        return (sign * spread[:, :, None]).reshape(x.shape), None, None
+
+
+class _FC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, linear: nn.Linear):
+        ctx.x, ctx.weight = x.detach().clone(), linear.weight.detach()
+        return F.linear(x, linear.weight, linear.bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W = ctx.x, ctx.weight
+        w_pos, w_neg = W.clamp(min=0), W.clamp(max=0)
+        beta = (x @ w_pos.T) / ((x @ w_neg.T).abs() + EPS)
+        return g @ w_pos + (g * beta) @ w_neg, None
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn: nn.BatchNorm2d):
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        ctx.x, ctx.y = x.detach().clone(), y.detach().clone()
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.y / _stabilised(ctx.x), None
+
+
+class _AvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pool: nn.AvgPool2d):
+        y = pool(x)
+        ctx.pool, ctx.x, ctx.y = pool, x.detach().clone(), y.detach().clone()
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.enable_grad():
+            x = ctx.x.clone().requires_grad_(True)
+            (spread,) = torch.autograd.grad(ctx.pool(x), x, g * ctx.y)
+        return spread / _stabilised(ctx.x), None
+
+
+class _Swapped(nn.Module):
+    def __init__(self, function, module, *options):
+        super().__init__()
+        self.function, self.module, self.options = function, module, options
+
+    def forward(self, x):
+        return self.function.apply(x, self.module, *self.options)
+
+
+def reference_conv2d(conv_groups="reference"):
+    """A drop-in for F.conv2d with the TSGB-Conv backward (for functional models)."""
+
+    def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], weight.shape[2:], stride, padding, dilation, groups, bias is not None)
+        conv.weight, conv.bias = nn.Parameter(weight.detach()), None if bias is None else nn.Parameter(bias.detach())
+        return _Conv.apply(x, conv, conv_groups)
+
+    return conv2d
+
+
+def swap_in_reference_rules(model: nn.Module, classifier: str, conv_groups: str = "reference") -> nn.Module:
+    """A copy of ``model`` (eval, no in-place ops) whose rule modules run the reference Functions."""
+    reference = copy.deepcopy(model).eval()
+    for module in reference.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            swapped = _Swapped(_Conv, module, conv_groups)
+        elif isinstance(module, nn.BatchNorm2d):
+            swapped = _Swapped(_BatchNorm, module)
+        elif isinstance(module, nn.AvgPool2d):
+            swapped = _Swapped(_AvgPool, module)
+        elif isinstance(module, nn.Linear) and name == classifier:
+            swapped = _Swapped(_FC, module)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(reference.get_submodule(parent_name) if parent_name else reference, child, swapped)
+    return reference
+
+
+def reference_saliency(reference_model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Saliency (N, 1, H, W) = sum_C(signal at the input * input) for one target per image."""
+    x = x.clone().requires_grad_(True)
+    logits = reference_model(x)
+    one_hot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    (signal,) = torch.autograd.grad(logits, x, one_hot)
+    return (signal * x).sum(1, keepdim=True).detach()
