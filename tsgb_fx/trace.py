@@ -118,6 +118,8 @@ def _trace_export(shadow: nn.Module, example_input: torch.Tensor | None) -> Trac
     from torch.export import Dim
 
     example = _example_input(shadow) if example_input is None else example_input.detach()
+    if example.shape[0] < 2:  # a batch of 1 would be specialised to 1
+        example = example[:1].expand(2, *example.shape[1:]).contiguous()
     # Only the batch is dynamic: symbolic spatial sizes make shape-computed padding (timm's
     # 'same' convolutions) take minutes to export, and a deployment has one input size anyway.
     dynamic = {0: Dim.AUTO}
@@ -131,7 +133,14 @@ def _trace_export(shadow: nn.Module, example_input: torch.Tensor | None) -> Trac
             f"needs another input size, pass example_input=...; a module with data-dependent "
             f"control flow can be kept opaque with tracer='fx' and leaf_modules=[...]."
         ) from error
-    return Traced(program.module(), "export", tuple(example.shape[2:]))
+    graph_module = program.module()
+    image = next(node for node in graph_module.graph.nodes if node.op == "placeholder")
+    if isinstance(image.meta.get("val", torch.empty(0)).shape[0], int):
+        raise TraceError(
+            f"torch.export fixed the batch size of {type(shadow).__name__} to {example.shape[0]}: the "
+            f"model's forward depends on it (e.g. reshape(2, -1)); use reshape(x.shape[0], -1) or flatten."
+        )
+    return Traced(graph_module, "export", tuple(example.shape[2:]))
 
 
 @dataclass(frozen=True)
