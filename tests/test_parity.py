@@ -87,3 +87,59 @@ def test_functional_model_matches_reference():
     conv_rules = [site for site in explainer.rules.values() if site.kind == "conv"]
     assert len(conv_rules) == 3 and all(site.rule == "tsgb_conv" for site in conv_rules)
     _check_parity(model, "fc", torch.randn(3, 3, 16, 16, dtype=torch.float64), reference=reference)
+
+
+class ReusedConvNet(nn.Module):
+    """One convolution module called twice (shared weights) and a functional average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.shared(x))
+        x = F.relu(self.bn(self.shared(x)))
+        x = F.avg_pool2d(x, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_reused_module_gets_one_rule_per_call():
+    model = _prepared(ReusedConvNet)
+    explainer = tsgb_fx.explainer(model)
+    modules = [site.module for site in explainer.rules.values() if site.kind == "conv"]
+    assert modules.count("shared") == 2
+    assert any(site.rule == "ratio_avgpool" for site in explainer.rules.values())
+    # module swapping cannot see F.avg_pool2d: the reference runs the same model with a pooling module
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    result = explainer(x)
+    reference = swap_in_reference_rules(_FunctionalPoolAsModule(model), "inner.fc")
+    expected = reference_saliency(reference, x, result.target)
+    assert relative_error(result.saliency, expected) < 1e-6
+
+
+class _FunctionalPoolAsModule(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.pool = inner, nn.AvgPool2d(2)
+
+    def forward(self, x):
+        m = self.inner
+        x = F.relu(m.stem(x))
+        x = F.relu(m.shared(x))
+        x = F.relu(m.bn(m.shared(x)))
+        return m.fc(self.pool(x).mean((2, 3)))
+
+
+def test_export_tracer_matches_reference():
+    """The ATen-level graph (aten.conv2d, aten.batch_norm, in-place relu_/add_) gives the same map."""
+    model = _prepared(torchvision.models.resnet18)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    explainer = tsgb_fx.explainer(model, tracer="export", example_input=x)
+    assert explainer.tracer == "export"
+    result = explainer(x)
+    expected = reference_saliency(swap_in_reference_rules(model, "fc"), x, result.target)
+    assert relative_error(result.saliency, expected) < 1e-6
