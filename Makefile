@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: venv test test-all clean
+.PHONY: venv demo test test-all clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# Explain the bundled cat photo with the embedded pretrained EfficientNet-Lite0 (no download).
+demo: venv
+	$(BIN)/tsgb explain tsgb_fx/data/chelsea.png --out out/demo
+	@echo "demo picture: $(CURDIR)/out/demo/chelsea_tsgb.png"
 
 test: venv
 	$(PYTEST) -n 2
