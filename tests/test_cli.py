@@ -163,6 +163,15 @@ def test_user_model_from_factory_in_a_folder_with_bad_files(folder, tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == ["cat_tsgb.png", "coffee_tsgb.png"]
 
 
+def test_folder_gets_a_progress_bar(folder, tmp_path, capsys):
+    (folder / "broken.png").unlink()
+    status = main(["explain", str(folder), "--model", TINY, "--size", "32", "--batch-size", "1", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "2/2" in captured.err and "image" in captured.err  # tqdm's final state, unit "image"
+    assert set(parse(captured.out)) == {"cat.png", "coffee.png"}
+
+
 def test_target_is_explained_for_every_image_and_names_do_not_collide(tmp_path, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     for directory in (first, second):
@@ -290,6 +299,22 @@ def test_top_k_more_than_classes(tmp_path, capsys):
     line = run_failing(["explain", str(sample_path("coffee")), "--model", TINY, "--size", "32", "--top-k", "6",
                         "--out", str(tmp_path)], capsys)
     assert "--top-k 6 is more than the model's 5 classes" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is there")
+def test_cuda_without_a_gpu(tmp_path, capsys):
+    line = run_failing(["explain", str(sample_path("coffee")), "--model", TINY, "--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert "no CUDA GPU" in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_explains_like_cpu(tmp_path, capsys):
+    outputs = []
+    for device in ("cpu", "cuda"):
+        assert main(["explain", str(sample_path("coffee")), "--model", TINY, "--size", "32", "--device", device,
+                     "--out", str(tmp_path / device)]) == 0
+        outputs.append(parse(capsys.readouterr().out)["coffee.png"]["top"])
+    assert [entry[0] for entry in outputs[0]] == [entry[0] for entry in outputs[1]]
 
 
 def test_target_and_top_k_exclude_each_other(capsys):
