@@ -38,14 +38,14 @@ class WindowGeometry:
     def ndim(self) -> int:
         return len(self.kernel_size)
 
-    def output_size(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
-        """Spatial output size of the convolution for a given spatial input size."""
-        return tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip(
-                input_size, self.kernel_size, self.stride, self.padding, self.dilation
-            )
-        )
+    @property
+    def is_pointwise(self) -> bool:
+        """A 1x1 kernel without padding: every output position sees exactly one input position."""
+        return all(k == 1 for k in self.kernel_size) and not any(self.padding)
+
+    def strided(self) -> tuple[slice, ...]:
+        """Index of the input positions a pointwise convolution reads."""
+        return (Ellipsis, *(slice(None, None, s) for s in self.stride))
 
     def output_padding(self, input_size, output_size) -> tuple[int, ...]:
         """Rows/columns the forward dropped: what the transpose must add back to reach ``input_size``."""
@@ -68,7 +68,12 @@ def _ones_kernel(geometry: WindowGeometry, channels: int, like: torch.Tensor) ->
 
 
 def box(s: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-    """Sum of ``s`` (N, G, *spatial) over every window: ``conv(s, ones)`` per channel."""
+    """Sum of ``s`` (N, G, *spatial) over every window: ``conv(s, ones)`` per channel.
+
+    A pointwise window is the position itself: a strided view, no convolution.
+    """
+    if geometry.is_pointwise:
+        return s[geometry.strided()]
     channels = s.shape[1]
     return _CONV[geometry.ndim](
         s,
@@ -83,6 +88,12 @@ def box(s: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
 
 def box_transpose(r: torch.Tensor, geometry: WindowGeometry, input_size) -> torch.Tensor:
     """Adjoint of :func:`box`: spread ``r`` (N, G, *out) over each window, sized to ``input_size``."""
+    if geometry.is_pointwise:
+        if all(s == 1 for s in geometry.stride):
+            return r
+        spread = r.new_zeros((*r.shape[:2], *input_size))
+        spread[geometry.strided()] = r
+        return spread
     channels = r.shape[1]
     return _CONV_TRANSPOSE[geometry.ndim](
         r,
