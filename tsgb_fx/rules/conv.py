@@ -34,7 +34,7 @@ from .box import WindowGeometry, box, box_transpose, per_axis
 EPS = 1e-10
 CONV_GROUPS = ("reference", "layer")
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def tsgb_conv_backward(
@@ -59,7 +59,7 @@ class TSGBConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups):
-        return _CONV[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        return CONV_BY_NDIM[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -103,6 +103,14 @@ def _explicit_padding(x, weight, padding, dilation, padding_mode):
     return torch.nn.functional.pad(x, flat, mode=mode), (0,) * ndim
 
 
+def normalise_geometry(x, weight, stride, padding, dilation, padding_mode):
+    """(x padded where needed, stride, symmetric zero padding, dilation) as per-axis tuples."""
+    ndim = weight.dim() - 2
+    stride, dilation = per_axis(stride, ndim), per_axis(dilation, ndim)
+    x, padding = _explicit_padding(x, weight, padding, dilation, padding_mode)
+    return x, stride, padding, dilation
+
+
 def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
               conv_groups="reference"):
     """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
@@ -110,7 +118,5 @@ def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, p
     Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
     ``'valid'``, and a module's ``padding_mode``.
     """
-    ndim = weight.dim() - 2
-    stride, dilation = per_axis(stride, ndim), per_axis(dilation, ndim)
-    x, padding = _explicit_padding(x, weight, padding, dilation, padding_mode)
+    x, stride, padding, dilation = normalise_geometry(x, weight, stride, padding, dilation, padding_mode)
     return TSGBConvFunction.apply(x, weight, bias, stride, padding, dilation, groups, conv_groups)
