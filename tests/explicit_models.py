@@ -26,18 +26,16 @@ class TinyNet(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
-        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1)
         self.avg = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
         self.head = nn.AdaptiveAvgPool2d(3)
         self.hidden = nn.Linear(8 * 9, 16)
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x):
-        x = torch.relu(self.bn(self.stem(x)))
-        x = self.pool(x)
+        x = self.avg(self.pool(torch.relu(self.bn(self.stem(x)))))
         x = x + self.up(torch.relu(self.depthwise(x)))
-        x = self.head(self.avg(x))
-        return self.fc(torch.relu(self.hidden(x.flatten(1))))
+        return self.fc(torch.relu(self.hidden(self.head(x).flatten(1))))
 
 
 def tiny_net(seed: int = 0) -> nn.Module:
