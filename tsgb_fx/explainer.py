@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .methods import METHODS, Rule
+from .outputs import OutputSelector, select_output
 from .ops import OpSite, find_op_sites
 from .rewrite import RuleSite, rewrite
 from .trace import trace
@@ -175,7 +176,10 @@ class Explainer(nn.Module):
     def _check_logits(logits, rows: int) -> None:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
             what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise TypeError(f"the model must return logits of shape (N, K); it returned {what}")
+            raise TypeError(
+                f"the model must return logits of shape (N, K); it returned {what} (for a model with "
+                f"several outputs, build the explainer with output=<index, key or callable>)"
+            )
 
 
 def _normalise_target(target, batch: int, device) -> torch.Tensor | None:
@@ -234,6 +238,7 @@ def explainer(
     leaf_modules: Iterable = (),
     autowrap_functions: Iterable = (),
     example_input: torch.Tensor | None = None,
+    output: OutputSelector = None,
 ) -> Explainer:
     """Trace ``model`` once and rewrite it into a reusable saliency explainer.
 
@@ -254,6 +259,9 @@ def explainer(
         example_input: an input for torch.export; by default a random (2, C, 224, 224) batch
             with C from the first convolution. The batch size stays dynamic; the explainer then
             takes inputs of the example's spatial size only.
+        output: for a model that returns more than logits (a tuple, dict or named tuple with
+            auxiliary outputs): the index, key or field of the logits, or a callable that takes
+            the output and returns them. Applied once to the graph; the rest is dropped.
 
     Raises:
         tsgb_fx.TraceError: the model could not be traced; the message names the module or line
@@ -275,6 +283,7 @@ def explainer(
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     traced = trace(model, tracer, leaf_modules, autowrap_functions, example_input)
     graph_module = traced.graph_module
+    select_output(graph_module, output)
     first_conv = next((site for site in find_op_sites(graph_module) if _reads_the_input(site)), None)
     shape = first_conv.weight_shape if first_conv is not None else None
     groups = first_conv.arguments.get("groups") if first_conv is not None else None
