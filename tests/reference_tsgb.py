@@ -1,6 +1,7 @@
 """A straightforward test-only TSGB, written the way the authors' code works: module swapping.
 
-Deep-copies the model, turns off in-place flags, and swaps every ``nn.Conv2d``, ``nn.BatchNorm2d``,
+Deep-copies the model, turns off in-place flags, and swaps every ``nn.Conv2d`` (after an explicit
+``F.pad`` for non-zero padding modes), ``nn.BatchNorm2d``,
 ``nn.AvgPool2d`` and the named classifier ``nn.Linear`` for a module whose forward calls an
 autograd Function written here from TSGB.md. Box sums use ``F.conv2d`` with an all-ones kernel;
 their transposes use ``torch.nn.grad.conv2d_input`` (not the library's conv_transpose); the
@@ -98,6 +99,15 @@ class _Swapped(nn.Module):
         return self.function.apply(x, self.module, *self.options)
 
 
+class _Pad(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.amounts, self.mode = conv._reversed_padding_repeated_twice, conv.padding_mode
+
+    def forward(self, x):
+        return F.pad(x, self.amounts, mode=self.mode)
+
+
 def reference_conv2d(conv_groups="reference"):
     """A drop-in for F.conv2d with the TSGB-Conv backward (for functional models)."""
 
@@ -116,7 +126,12 @@ def swap_in_reference_rules(model: nn.Module, classifier: str, conv_groups: str 
         if isinstance(getattr(module, "inplace", None), bool):
             module.inplace = False
     for name, module in list(reference.named_modules()):
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            # pad with the layer's mode (plain gradient), then TSGB-Conv over the padded input
+            unpadded = copy.copy(module)
+            unpadded.padding, unpadded.padding_mode = (0, 0), "zeros"
+            swapped = nn.Sequential(_Pad(module), _Swapped(_Conv, unpadded, conv_groups))
+        elif isinstance(module, nn.Conv2d):
             swapped = _Swapped(_Conv, module, conv_groups)
         elif isinstance(module, nn.BatchNorm2d):
             swapped = _Swapped(_BatchNorm, module)
