@@ -316,10 +316,12 @@ def cmd_export(args) -> int:
     example = torch.zeros(1, setup.loaded.preprocessing.channels, setup.size, setup.size, device=setup.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    pre = setup.loaded.preprocessing
     try:
-        tsgb_export.to_onnx(setup.explainer, str(out), example, opset=args.opset)
-    except (ValueError, TypeError, RuntimeError) as error:
-        _error(f"ONNX export of {setup.loaded.source} failed: {error}")
+        tsgb_export.to_onnx(setup.explainer, str(out), example, opset=args.opset, mean=pre.mean, std=pre.std)
+    except Exception as error:  # the exporter's failures come in many types; say which and where
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        _error(f"ONNX export of {setup.loaded.source} failed: {type(error).__name__}: {reason}")
         return 1
     _add_metadata(out, setup)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {setup.loaded.source}, input (N, {setup.loaded.preprocessing.channels}, {setup.size}, {setup.size})")
@@ -327,7 +329,12 @@ def cmd_export(args) -> int:
 
 
 def _add_metadata(path: Path, setup: Setup) -> None:
-    """Record the preprocessing and class names in the ONNX file's metadata_props (tsgb.* keys)."""
+    """Add the model's source, preprocessing and class names to the file's metadata_props.
+
+    Keys ``tsgb.model``, ``tsgb.preprocessing`` (JSON; :class:`tsgb_export.runtime.OnnxExplainer`
+    reads mean/std from it when ``tsgb.mean``/``tsgb.std`` are absent) and ``tsgb.class_names``
+    (JSON list); keys the exporter wrote are left as they are.
+    """
     import json
 
     import onnx
