@@ -230,6 +230,21 @@ def test_target_is_explained_for_every_image_and_names_do_not_collide(tmp_path, 
     assert len({line["png"] for line in lines}) == 2 and all(line["png"].is_file() for line in lines)
 
 
+def test_conv_groups_reaches_the_explainer(tmp_path, capsys, monkeypatch):
+    built = []
+    factory = tsgb_fx.explainer
+    monkeypatch.setattr(tsgb_fx, "explainer", lambda model, **options: built.append(options) or factory(model, **options))
+    pictures = []
+    for groups in ("reference", "layer"):
+        out = tmp_path / groups
+        assert main(["explain", str(sample_path("coffee")), "--model", TINY, "--size", "32", "--conv-groups", groups,
+                     "--out", str(out)]) == 0
+        capsys.readouterr()
+        pictures.append(np.asarray(Image.open(out / "coffee_tsgb.png").convert("RGB")).astype(int))
+    assert [options["conv_groups"] for options in built] == ["reference", "layer"]
+    assert np.abs(pictures[0] - pictures[1]).max() > 0  # the tiny model has a depthwise conv: maps differ
+
+
 def test_weights_file_is_loaded_into_the_model(tmp_path, capsys):
     model = tiny_cnn()
     with torch.no_grad():  # make class 2 win on every photo
