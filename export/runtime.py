@@ -47,7 +47,8 @@ class OnnxExplainer:
     ``providers`` (those the session runs on), ``metadata`` (the file's ``metadata_props``,
     ``tsgb.`` prefix dropped and JSON values decoded: method, options, version, input_shape,
     num_classes, mean/std where recorded), ``mean`` and ``std`` (per-channel normalisation the
-    model expects, None where the file does not say; the caller applies it).
+    model expects, None where the file does not say; the caller applies it), ``class_names``
+    (where ``tsgb export`` recorded them, else None).
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence | None = None,
@@ -81,6 +82,7 @@ class OnnxExplainer:
         preprocessing = preprocessing if isinstance(preprocessing, dict) else {}
         self.mean = self.metadata.get("mean", preprocessing.get("mean"))
         self.std = self.metadata.get("std", preprocessing.get("std"))
+        self.class_names = self.metadata.get("class_names")
 
     def __repr__(self) -> str:
         return (
