@@ -8,7 +8,7 @@
 
 from .errors import TraceError, TSGBError
 from .explainer import Explainer, Explanation, explainer
-from .methods import METHODS, Rule
+from .methods import METHODS, Method, Rule
 from .rewrite import RuleSite
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "METHODS",
     "Explainer",
     "Explanation",
+    "Method",
     "Rule",
     "RuleSite",
     "TSGBError",

@@ -3,8 +3,9 @@
 ``explainer(model)`` returns an :class:`Explainer`, an ``nn.Module`` holding the rewritten graph.
 A call runs one forward and one ``torch.autograd.grad`` from the one-hot target at the logits to
 the image; autograd is untouched everywhere except at the rule nodes, whose backward is the
-method's rule (TSGB.md). The map is ``attribution = signal_at_input * input`` and
-``saliency = attribution.sum(channels)``.
+method's rule (TSGB.md). The map is ``attribution = signal_at_input * input`` (or the signal
+itself for methods whose attribution is a gradient: ``gradient``, ``guided_backprop``,
+``deconvnet``) and ``saliency = attribution.sum(channels)``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .methods import METHODS, Rule
+from .methods import Method, Rule, resolve_method
 from .outputs import OutputSelector, select_output
 from .ops import OpSite, find_op_sites
 from .rewrite import RuleSite, rewrite
@@ -27,7 +28,9 @@ class Explanation:
     """The result of one explainer call; every tensor is detached.
 
     ``saliency``: (N, 1, *S), or (N, T, *S) for (N, T) targets; the channel sum of ``attribution``.
-    ``attribution``: (N, C, *S), or (N, T, C, *S); the signal at the input times the input.
+    ``attribution``: (N, C, *S), or (N, T, C, *S); the method's attribution: the signal at the
+    input times the input (``tsgb``, ``grad_x_input``) or the signal itself (``gradient``,
+    ``guided_backprop``, ``deconvnet``); see ``Explainer.times_input``.
     ``logits``: (N, K), the model's output for the batch.
     ``target``: (N,) or (N, T), the explained classes (long).
     """
@@ -66,6 +69,7 @@ class Explainer(nn.Module):
         input_channels: int | None,
         input_ndim: int | None,
         spatial_size: tuple[int, ...] | None = None,
+        times_input: bool = True,
     ):
         super().__init__()
         self.graph_module = graph_module
@@ -76,6 +80,7 @@ class Explainer(nn.Module):
         self.input_channels = input_channels
         self.input_ndim = input_ndim
         self.spatial_size = spatial_size
+        self.times_input = times_input  # attribution = signal * input, else the signal itself
 
     def __repr__(self) -> str:  # the graph module's children would fill a screen
         return f"Explainer({self.extra_repr()})"
@@ -106,7 +111,7 @@ class Explainer(nn.Module):
             _check_target_range(targets, logits.shape[1])
             one_hot = torch.zeros_like(logits).scatter_(1, targets.reshape(-1, 1), 1.0)
             (signal,) = torch.autograd.grad(logits, image, grad_outputs=one_hot)
-        attribution = (signal * image).detach()
+        attribution = (signal * image if self.times_input else signal).detach()
         logits = logits.detach()
         if targets.dim() == 2:
             attribution = attribution.unflatten(0, (batch, per_image))
@@ -124,6 +129,11 @@ class Explainer(nn.Module):
         """
         from .explicit import explicit_module
 
+        if not self.times_input:  # the explicit graph writes saliency = sum_C(signal * image)
+            raise NotImplementedError(
+                f"explicit() supports methods whose attribution is signal x input; {self.method!r} "
+                f"attributes the signal itself"
+            )
         return explicit_module(self)
 
     # -- checks -----------------------------------------------------------------------------
@@ -231,9 +241,9 @@ def _reads_the_input(site: OpSite) -> bool:
 
 def explainer(
     model: nn.Module,
-    method: str = "tsgb",
-    conv_groups: str = "reference",
-    classifier: str = "last",
+    method: str | Method | Mapping[str, Rule | None] = "tsgb",
+    conv_groups: str | None = None,
+    classifier: str | None = None,
     tracer: str = "auto",
     leaf_modules: Iterable = (),
     autowrap_functions: Iterable = (),
@@ -245,12 +255,16 @@ def explainer(
     Args:
         model: any ``nn.Module`` mapping an image batch (N, C, *S) to logits (N, K). It is not
             modified; see :class:`Explainer` for what is shared.
-        method: ``"tsgb"`` (Target-Selective Gradient Backprop, TSGB.md).
-        conv_groups: ``"reference"`` sums TSGB-Conv over all channels as the authors' code does;
-            ``"layer"`` keeps each convolution's groups (differs for grouped/depthwise convs).
-        classifier: ``"last"`` applies TSGB-FC to the linear op that produces the logits (found
-            from the graph; none for a model without one, e.g. SqueezeNet); ``"all"`` to every
-            linear op.
+        method: ``"tsgb"`` (Target-Selective Gradient Backprop, TSGB.md), ``"gradient"``,
+            ``"grad_x_input"``, ``"guided_backprop"`` or ``"deconvnet"`` (:mod:`tsgb_fx.methods`);
+            or your own mix: a map from op kind or module name to a :class:`~tsgb_fx.Rule` (None:
+            plain gradient), module names overriding kinds, or a :class:`~tsgb_fx.Method`.
+        conv_groups: TSGB only. ``"reference"`` (default) sums TSGB-Conv over all channels as the
+            authors' code does; ``"layer"`` keeps each convolution's groups (differs for
+            grouped/depthwise convs).
+        classifier: TSGB only. ``"last"`` (default) applies TSGB-FC to the linear op that
+            produces the logits (found from the graph; none for a model without one, e.g.
+            SqueezeNet); ``"all"`` to every linear op.
         tracer: ``"fx"`` (torch.fx symbolic tracing, module names kept), ``"export"``
             (torch.export, for models with shape arithmetic) or ``"auto"`` (fx, then export).
         leaf_modules: module classes or qualified names that fx keeps opaque (plain gradient
@@ -276,9 +290,7 @@ def explainer(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
-    rule_map: dict[str, Rule | None] = METHODS[method](conv_groups=conv_groups, classifier=classifier)
+    chosen = resolve_method(method, conv_groups=conv_groups, classifier=classifier)
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     traced = trace(model, tracer, leaf_modules, autowrap_functions, example_input)
@@ -287,14 +299,15 @@ def explainer(
     first_conv = next((site for site in find_op_sites(graph_module) if _reads_the_input(site)), None)
     shape = first_conv.weight_shape if first_conv is not None else None
     groups = first_conv.arguments.get("groups") if first_conv is not None else None
-    rules = rewrite(graph_module, rule_map)
+    rules = rewrite(graph_module, chosen.rules)
     return Explainer(
         graph_module,
         rules,
-        method=method,
-        options={"conv_groups": conv_groups, "classifier": classifier},
+        method=chosen.name,
+        options=chosen.options,
         tracer=traced.tracer,
         spatial_size=traced.spatial_size,
         input_channels=shape[1] * groups if shape and isinstance(groups, int) else None,
         input_ndim=len(shape) if shape else None,
+        times_input=chosen.times_input,
     )

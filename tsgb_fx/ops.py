@@ -2,7 +2,9 @@
 
 A convolution can reach the graph as an ``nn.Conv2d`` module call, ``F.conv2d``, ``torch.conv2d``
 or an ATen ``conv2d``/``convolution`` overload; a batch norm as a module, ``F.batch_norm``
-(timm's ``BatchNormAct2d`` traces to it) or ``aten.batch_norm``. :func:`find_op_sites` maps each
+(timm's ``BatchNormAct2d`` traces to it) or ``aten.batch_norm``; a ReLU as ``nn.ReLU``,
+``F.relu``, ``torch.relu``, ``x.relu()`` or ``aten.relu`` (in-place spellings such as ``relu_``
+and ``inplace=True`` are made out-of-place by :mod:`tsgb_fx.trace` before this runs). :func:`find_op_sites` maps each
 such node to an :class:`OpSite`: its kind and its arguments in the keyword form the rule
 functions take, so that rules match what an op does, not how it is written.
 
@@ -13,7 +15,11 @@ conv       x, weight, bias, stride, padding, dilation, groups, padding_mode
 linear     x, weight, bias
 batchnorm  x, running_mean, running_var, weight, bias, eps
 avgpool    x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+relu       x, min_val, max_val: the rectifier ``clamp(x, min_val, max_val)``; ReLU is (0.0, None),
+           ReLU6 (0.0, 6.0), Hardtanh its bounds (floats; ``max_val=None`` means unbounded)
 ========== =====================================================================================
+
+The rule functions of :mod:`tsgb_fx.rules` take exactly these keywords (plus their options).
 
 Module subclasses count when they keep the base class's ``forward``; a subclass with its own
 forward is traced through (the default) and its functional calls are found instead.
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-KINDS = ("conv", "linear", "batchnorm", "avgpool")
+KINDS = ("conv", "linear", "batchnorm", "avgpool", "relu")
 aten = torch.ops.aten
 
 
@@ -74,7 +80,19 @@ _FUNCTIONS = {
     F.avg_pool1d: ("avgpool", _AVGPOOL_NAMES[:-1], _AVGPOOL_DEFAULTS),
     F.avg_pool2d: ("avgpool", _AVGPOOL_NAMES, _AVGPOOL_DEFAULTS),
     F.avg_pool3d: ("avgpool", _AVGPOOL_NAMES, _AVGPOOL_DEFAULTS),
+    F.relu: ("relu", ("x", "inplace"), {"min_val": 0.0, "max_val": None}),
+    torch.relu: ("relu", ("x",), {"min_val": 0.0, "max_val": None}),
+    F.relu6: ("relu", ("x", "inplace"), {"min_val": 0.0, "max_val": 6.0}),
+    F.hardtanh: ("relu", ("x", "min_val", "max_val", "inplace"), {"min_val": -1.0, "max_val": 1.0}),
 }
+
+# Tensor methods (call_method nodes): (kind, positional names after self, defaults)
+_METHODS = {
+    "relu": ("relu", (), {"min_val": 0.0, "max_val": None}),
+}
+
+# Bounds of the ATen rectifiers whose schema does not carry them
+_ATEN_RELU_BOUNDS = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
 
 # ATen overload packets: kind. Argument names come from the schema ("self"/"input" -> "x").
 _ATEN = {
@@ -87,6 +105,9 @@ _ATEN = {
     aten.avg_pool1d: "avgpool",
     aten.avg_pool2d: "avgpool",
     aten.avg_pool3d: "avgpool",
+    aten.relu: "relu",
+    aten.relu6: "relu",
+    aten.hardtanh: "relu",
 }
 
 _MODULE_FORWARDS = {
@@ -99,6 +120,8 @@ _MODULE_FORWARDS = {
     nn.AvgPool1d.forward: "avgpool",
     nn.AvgPool2d.forward: "avgpool",
     nn.AvgPool3d.forward: "avgpool",
+    nn.ReLU.forward: "relu",
+    nn.Hardtanh.forward: "relu",  # nn.ReLU6 is a Hardtanh(0, 6)
 }
 
 
@@ -141,6 +164,9 @@ def _module_site(node: fx.Node, module: nn.Module, kind: str) -> OpSite:
             weight=attr("weight"), bias=attr("bias"), eps=module.eps,
         )
         return OpSite(kind, node, arguments, path)
+    if kind == "relu":
+        bounds = (0.0, None) if isinstance(module, nn.ReLU) else (float(module.min_val), float(module.max_val))
+        return OpSite(kind, node, dict(x=x, min_val=bounds[0], max_val=bounds[1]), path)
     arguments = dict(
         x=x, kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
         ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
@@ -156,6 +182,9 @@ def _function_site(node: fx.Node, kind: str, bound: dict[str, Any]) -> OpSite | 
         arguments = {name: bound[name] for name in _CONV_NAMES}
     elif kind == "linear":
         arguments = {name: bound.get(name) for name in ("x", "weight", "bias")}
+    elif kind == "relu":
+        maximum = bound.get("max_val")
+        arguments = dict(x=bound["x"], min_val=float(bound["min_val"]), max_val=None if maximum is None else float(maximum))
     elif kind == "batchnorm":
         arguments = {name: bound.get(name) for name in ("x", "running_mean", "running_var", "weight", "bias")}
         arguments["eps"] = bound["eps"]
@@ -175,11 +204,16 @@ def _module_path(node: fx.Node) -> str:
 
 
 def match(node: fx.Node, modules: dict[str, nn.Module]) -> OpSite | None:
-    """The :class:`OpSite` of ``node`` if it is a conv, linear, batch norm or average pooling."""
+    """The :class:`OpSite` of ``node`` if it is one of the :data:`KINDS`."""
     if node.op == "call_module":
         module = modules.get(str(node.target))
         kind = _MODULE_FORWARDS.get(type(module).forward) if module is not None else None
         return _module_site(node, module, kind) if kind else None
+    if node.op == "call_method":
+        if node.target not in _METHODS:
+            return None
+        kind, names, defaults = _METHODS[node.target]
+        return _function_site(node, kind, _bind(("x", *names), defaults, node.args, node.kwargs))
     if node.op != "call_function":
         return None
     target = node.target
@@ -188,13 +222,16 @@ def match(node: fx.Node, modules: dict[str, nn.Module]) -> OpSite | None:
     elif isinstance(target, torch._ops.OpOverload) and target.overloadpacket in _ATEN:
         kind = _ATEN[target.overloadpacket]
         names, defaults = _aten_names_and_defaults(target)
+        if kind == "relu" and target.overloadpacket is not aten.hardtanh:
+            minimum, maximum = _ATEN_RELU_BOUNDS[target.overloadpacket.__name__]
+            defaults = {**defaults, "min_val": minimum, "max_val": maximum}
     else:
         return None
     return _function_site(node, kind, _bind(names, defaults, node.args, node.kwargs))
 
 
 def find_op_sites(graph_module: fx.GraphModule) -> list[OpSite]:
-    """Every conv, linear, batch-norm and average-pooling node, in graph order."""
+    """Every node of a known kind (conv, linear, batch norm, average pooling, rectifier), in graph order."""
     modules = dict(graph_module.named_modules())
     sites = []
     for node in graph_module.graph.nodes:

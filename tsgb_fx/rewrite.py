@@ -3,10 +3,15 @@
 The node is replaced by a ``call_function`` of the rule's function with the op's normalised
 arguments (:mod:`tsgb_fx.ops`) as keywords; module parameters become ``get_attr`` nodes that
 point at the very same tensors. Everything else stays as traced and keeps plain autograd.
+
+The rule for a node is looked up by the name of the module that calls the op (``"layer4.1.conv2"``)
+first, then by its kind (:data:`tsgb_fx.methods.RULE_KINDS`), so name keys override kind keys.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .methods import Rule
+from .methods import RULE_KINDS, Rule
 from .ops import Attr, OpSite, find_op_sites
 
 
@@ -96,19 +101,60 @@ def _materialise(graph: fx.Graph, value, replaced: Mapping[fx.Node, fx.Node]):
     return value
 
 
+def _check_keys(method: Mapping[str, Rule | None], sites: list[OpSite]) -> None:
+    """Every key is a kind or the name of a module that calls a recognised op."""
+    modules = sorted({site.module for site in sites if site.module})
+    for key in method:
+        if key in RULE_KINDS or key in modules:
+            continue
+        close = difflib.get_close_matches(key, [*RULE_KINDS, *modules], n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        inside = [name for name in modules if name.startswith(key + ".")]
+        if inside:
+            hint = (f"; a name key applies to the module that calls the op itself, e.g. "
+                    f"{', '.join(map(repr, inside[:3]))}")
+        raise ValueError(
+            f"method key {key!r} is neither an op kind {RULE_KINDS} nor the name of a module that "
+            f"calls a recognised op (conv, linear, batch norm, avg pooling, rectifier){hint}"
+        )
+
+
+def _check_signature(rule: Rule, site: OpSite, kind: str) -> None:
+    """The rule function takes this op's arguments: a rule for one kind cannot replace another."""
+    try:
+        inspect.signature(rule.function).bind(**site.arguments, **rule.options)
+    except TypeError as error:
+        where = f" in module {site.module!r}" if site.module else ""
+        raise ValueError(
+            f"rule {rule.name!r} cannot replace node {site.node.name!r} ({kind}{where}): its function "
+            f"does not take that op's arguments {tuple(site.arguments)} plus options {tuple(rule.options)} "
+            f"({error}); give that kind or module a rule written for it"
+        ) from None
+    except ValueError:  # builtins without a signature: trust the user
+        pass
+
+
 def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> dict[str, RuleSite]:
-    """Apply ``method`` to ``graph_module`` in place; return node name -> :class:`RuleSite`."""
+    """Apply ``method`` to ``graph_module`` in place; return node name -> :class:`RuleSite`.
+
+    ``method`` maps op kinds and module names to rules (None: plain gradient); a module-name key
+    wins over the node's kind. Raises ValueError for a key that is neither, and for a rule whose
+    function does not take the arguments of the op it would replace.
+    """
     graph = graph_module.graph
     sites = find_op_sites(graph_module)
+    _check_keys(method, sites)
     classifiers = find_classifiers(graph_module, sites)
     decided: dict[str, RuleSite] = {}
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
         kind = "classifier" if site.node in classifiers else site.kind
-        rule = method.get(kind)
+        key = site.module if site.module and site.module in method and site.module not in RULE_KINDS else kind
+        rule = method.get(key)
         decided[site.node.name] = RuleSite(kind, rule.name if rule else "gradient", site.module)
         if rule is None:
             continue
+        _check_signature(rule, site, kind)
         with graph.inserting_before(site.node):
             arguments = {name: _materialise(graph, value, replaced) for name, value in site.arguments.items()}
             replacement = graph.call_function(rule.function, kwargs={**arguments, **rule.options})

@@ -1,12 +1,14 @@
 """The rules: autograd Functions whose forward is the op and whose backward is a TSGB rule.
 
 One small file per kind; each exposes a pure ``*_backward`` (or helper) function of the forward's
-input/output and the incoming signal, and the graph-level function the rewrite calls.
+input/output and the incoming signal, and the graph-level function the rewrite calls. The
+rectifier rules (guided backprop, deconvnet) serve the baseline methods of :mod:`tsgb_fx.methods`.
 """
 
 from .avgpool import ratio_avg_pool
 from .batchnorm import ratio_batch_norm
 from .conv import tsgb_conv
 from .linear import tsgb_linear
+from .relu import deconvnet_relu, guided_relu
 
-__all__ = ["ratio_avg_pool", "ratio_batch_norm", "tsgb_conv", "tsgb_linear"]
+__all__ = ["deconvnet_relu", "guided_relu", "ratio_avg_pool", "ratio_batch_norm", "tsgb_conv", "tsgb_linear"]
