@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .ops import _MODULE_FORWARDS
 
 TRACERS = ("auto", "fx", "export")
 
@@ -76,6 +77,10 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_names or isinstance(module, self._leaf_types):
+            return True
+        # a subclass of a standard layer that keeps its forward is that layer: keep it whole
+        # (tracing into it fails on checks such as BatchNorm's input.dim())
+        if type(module).forward in _MODULE_FORWARDS:
             return True
         return super().is_leaf_module(module, qualname)
 
