@@ -54,6 +54,11 @@ class Explainer(nn.Module):
     and ``e.to(device)`` moves those shared tensors as it would for any wrapper module. Only the
     input receives a backward signal; no weight gradient is computed and nothing writes ``.grad``.
 
+    Thread safety: a call keeps its state in local variables and autograd contexts only (the
+    rule Functions store nothing on modules or globals), so one explainer may serve several
+    threads at once and gives the same maps as sequential calls. Changing the model's weights
+    while calls run is, as for the model itself, the caller's business.
+
     ``e.rules`` maps each recognised node to its :class:`~tsgb_fx.rewrite.RuleSite` (kind, rule,
     module); ``e.graph_module`` is the rewritten ``torch.fx.GraphModule``.
     """
