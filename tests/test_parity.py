@@ -72,7 +72,7 @@ def test_torchvision_model_matches_reference(name):
     _check_parity(model, classifier, x)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_layer_groups_match_reference_on_depthwise_models(name):
     factory, classifier = MODELS[name]
     model = _prepared(factory, seed=1)
