@@ -179,3 +179,26 @@ def test_model_randomisation_known_cases():
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
     with pytest.raises(ValueError, match="fc2"):
         metrics.model_randomisation(model, gradient, images, 0, layers=["fc2"])
+
+
+def test_model_randomisation_in_place_restores_the_model_and_reuses_one_explainer():
+    torch.manual_seed(0)
+    model = TwoLayer().eval()
+    images = torch.randn(2, 3, 8, 8)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    e = tsgb_fx.explainer(model, method="gradient")
+    builds = []
+
+    def reuse(m):
+        builds.append(m)
+        return lambda x, t: e(x, t).saliency
+
+    def fresh(m):  # a new explainer on the copy the default mode makes
+        explainer = tsgb_fx.explainer(m, method="gradient")
+        return lambda x, t: explainer(x, t).saliency
+
+    expected = metrics.model_randomisation(model, fresh, images, 1, seed=2)
+    steps = metrics.model_randomisation(model, reuse, images, 1, seed=2, in_place=True)
+    assert builds[-1] is model
+    assert all(torch.equal(a.spearman, b.spearman) for a, b in zip(steps, expected))
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())

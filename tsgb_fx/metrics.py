@@ -286,6 +286,7 @@ def model_randomisation(
     layers: Sequence[str | Sequence[str]] | None = None,
     absolute: bool = False,
     seed: int = 0,
+    in_place: bool = False,
 ) -> list[LayerCorrelation]:
     """Cascading model randomisation (Adebayo et al. 2018): one Spearman correlation per layer.
 
@@ -294,7 +295,10 @@ def model_randomisation(
     after the other, cumulatively, in the order given (top down: the output layer first), and
     after each step the new map is compared with the trained model's map. So ``f`` must read the
     model's parameters when called (tsgb-fx explainers share them; hook-based methods such as
-    Grad-CAM run the model itself). ``model`` itself is never changed.
+    Grad-CAM run the model itself). ``model`` itself is never changed. With ``in_place=True`` no
+    copy is made: ``model`` is randomised itself and its parameters and buffers are written back
+    when the check ends (also on error), so an explainer built on ``model`` once can be reused
+    across checks (``explain`` may then return it without rebuilding).
 
     ``layers``: module names, or groups of names randomised as one step (e.g. ``["classifier",
     ["conv_head", "bn2"], "blocks.6", ...]``); by default every module that owns parameters,
@@ -305,28 +309,35 @@ def model_randomisation(
     Returns ``[LayerCorrelation(layer, spearman (N,)), ...]`` in the order of ``layers``, where
     ``layer`` names the last group randomised (groups joined with "+").
     """
-    copied = copy.deepcopy(model).eval()
+    copied = model if in_place else copy.deepcopy(model).eval()
     modules = dict(copied.named_modules())
     steps = _top_down_layers(copied) if layers is None else list(layers)
     groups = [[step] if isinstance(step, str) else list(step) for step in steps]
     unknown = [name for group in groups for name in group if name not in modules]
     if unknown:
         raise ValueError(f"layers {unknown} are not modules of the model (see model.named_modules())")
-    function = explain(copied)
+    saved = {name: tensor.clone() for name, tensor in copied.state_dict().items()} if in_place else None
+    try:
+        function = explain(copied)
 
-    def saliency_map():
-        result = function(images, target)
-        result = result.abs() if absolute else result
-        return _maps(result)
+        def saliency_map():
+            result = function(images, target)
+            result = result.abs() if absolute else result
+            return _maps(result)
 
-    reference = saliency_map()
-    results = []
-    cuda = [p.device.index or 0 for p in copied.parameters() if p.device.type == "cuda"][:1]
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        for group in groups:
-            for name in group:
-                _reinitialise(modules[name])
-            results.append(LayerCorrelation("+".join(group), spearman(reference, saliency_map())))
+        reference = saliency_map()
+        results = []
+        cuda = [p.device.index or 0 for p in copied.parameters() if p.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            for group in groups:
+                for name in group:
+                    _reinitialise(modules[name])
+                results.append(LayerCorrelation("+".join(group), spearman(reference, saliency_map())))
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for name, tensor in copied.state_dict().items():
+                    tensor.copy_(saved[name])
     return results
 
