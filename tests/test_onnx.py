@@ -64,6 +64,7 @@ def test_parity_with_autograd_explainer(name, tmp_path, request):
     result = runtime(x)
     assert result.saliency.shape == (3, 1, *images.shape[2:]) and result.saliency.dtype == np.float32
     np.testing.assert_array_equal(result.target, top1.numpy())
+    print(f"{name} batch 3 top-1: saliency rel L2 {_relative(result.saliency, explainer(images).saliency):.2e}")
     assert _relative(result.saliency, explainer(images).saliency) < TOLERANCE
     # batch 3, given targets mixed with -1
     target = np.array([7, -1, 3])
@@ -71,11 +72,13 @@ def test_parity_with_autograd_explainer(name, tmp_path, request):
     chosen = torch.tensor([7, int(top1[1]), 3])
     np.testing.assert_array_equal(result.target, chosen.numpy())
     reference = explainer(images, target=chosen)
+    print(f"{name} batch 3 given: saliency rel L2 {_relative(result.saliency, reference.saliency):.2e}")
     assert _relative(result.saliency, reference.saliency) < TOLERANCE
     assert _relative(result.logits, reference.logits) < TOLERANCE
     # batch 1 from the same file
     result = runtime(x[1:2])
     np.testing.assert_array_equal(result.target, top1[1:2].numpy())
+    print(f"{name} batch 1: saliency rel L2 {_relative(result.saliency, explainer(images[1:2]).saliency):.2e}")
     assert _relative(result.saliency, explainer(images[1:2]).saliency) < TOLERANCE
     result = runtime(x[2:3], target=5)
     assert _relative(result.saliency, explainer(images[2:3], target=5).saliency) < TOLERANCE
@@ -115,6 +118,15 @@ def test_interface(tiny):
     size = images.shape[2]
     assert signature(graph.input) == {"image": (float32, ["N", 3, size, size]), "target": (int64, ["N"])}
     assert signature(graph.output) == {"logits": (float32, ["N", 10]), "saliency": (float32, ["N", 1, size, size])}
+
+
+def test_large_batch(tiny):
+    explainer, images, path = tiny
+    batch = torch.cat([images, -images, images.flip(0), 0.5 * images] * 5)  # 60 images
+    result = OnnxExplainer(path)(batch.numpy())
+    reference = explainer(batch)
+    np.testing.assert_array_equal(result.target, reference.target.numpy())
+    assert _relative(result.saliency, reference.saliency) < TOLERANCE
 
 
 def test_metadata_round_trip(tiny):
