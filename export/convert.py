@@ -78,7 +78,9 @@ def to_onnx(
             output_names=list(OUTPUT_NAMES),
             opset_version=opset,
             dynamo=True,
-            optimize=True,
+            # onnxscript's optimiser folds `x + 1e-10` into `x`, removing every stabiliser that
+            # keeps the rules finite (0 / 0 = NaN on all-zero windows); ORT optimises at load.
+            optimize=False,
             verbose=False,
         )
     model = _standard_only(onnx_program.model_proto)

@@ -152,3 +152,35 @@ def test_tsgb_conv_conserves_relevance(conv, size, seed):
     (g_x,) = torch.autograd.grad(y, x, g)
     # input positions no window reads (dropped rows/columns) get no relevance and do not count
     torch.testing.assert_close((g_x * x).sum(), (g * y).sum().detach(), rtol=1e-9, atol=1e-9)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_random_cnn_gradient_method_is_plain_autograd(data):
+    model, channels, size = data.draw(random_cnns())
+    x = torch.randn(2, channels, size, size, dtype=torch.float64)
+    result = tsgb_fx.explainer(model, method="gradient")(x)
+    leaf = x.clone().requires_grad_(True)
+    logits = model(leaf)
+    (expected,) = torch.autograd.grad(logits, leaf, F.one_hot(logits.argmax(1), logits.shape[1]).double())
+    torch.testing.assert_close(result.attribution, expected)
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_cnn_onnx_export_matches_torch(data, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from tsgb_export import to_onnx
+    from tsgb_export.runtime import OnnxExplainer
+
+    model, channels, size = data.draw(random_cnns())
+    model = model.float()
+    x = torch.randn(3, channels, size, size)
+    explainer = tsgb_fx.explainer(model)
+    expected = explainer(x)
+    path = to_onnx(explainer, tmp_path_factory.mktemp("onnx") / "model.onnx", x)
+    got = OnnxExplainer(path, providers=["CPUExecutionProvider"])(x.numpy())
+    assert (got.target == expected.target.numpy()).all()
+    saliency = torch.from_numpy(got.saliency)
+    assert (saliency - expected.saliency).norm() <= 1e-4 * expected.saliency.norm() + 1e-12
