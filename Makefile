@@ -22,11 +22,13 @@ demo: venv
 	$(BIN)/tsgb explain tsgb_fx/data/chelsea.png --out out/demo
 	@echo "demo picture: $(CURDIR)/out/demo/chelsea_tsgb.png"
 
+# Two pytest workers with one thread each: on 2 cores, torch's default of 2 threads per worker
+# oversubscribes the machine and runs many times slower.
 test: venv
-	$(PYTEST) -n 2
+	OMP_NUM_THREADS=1 $(PYTEST) -n 2
 
 test-all: venv
-	$(PYTEST) -n 2 -m ''
+	OMP_NUM_THREADS=1 $(PYTEST) -n 2 -m ''
 
 clean:
 	rm -rf $(VENV) build *.egg-info
