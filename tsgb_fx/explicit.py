@@ -22,7 +22,9 @@ into matmuls, scatters and convolutions (:data:`DECOMPOSITIONS`), so the graph e
 with standard operators only.
 
 The batch is symbolic (one trace serves every N); channels and spatial size are the example's,
-and the graph checks them on every call. Parameters and buffers are held as buffers that alias
+and the graph checks them on every call. The graph is traced for the explainer's device and
+dtype (the constants it creates, such as the all-ones box kernels, live there): move the
+explainer first, then call ``explicit()``. Parameters and buffers are held as buffers that alias
 the model's tensors (``detach()``: same storage, ``requires_grad=False``): later in-place weight
 updates are seen, nothing requires grad, the user's model and its parameters are untouched.
 """
