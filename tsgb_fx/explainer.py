@@ -126,11 +126,13 @@ class Explainer(nn.Module):
             saliency = attribution.sum(dim=1, keepdim=True)
         return Explanation(saliency, attribution, logits, targets)
 
-    def explicit(self) -> fx.GraphModule:
+    def explicit(self, example_input: torch.Tensor | None = None) -> fx.GraphModule:
         """The whole explanation as one plain graph: ``forward(image, target) -> (logits, saliency)``.
 
         Forward plus rule backward written out as ordinary tensor ops (no autograd at run time),
-        ``target < 0`` meaning each image's top-1 class; see :mod:`tsgb_fx.explicit`.
+        ``target < 0`` meaning each image's top-1 class; see :mod:`tsgb_fx.explicit`. The graph
+        is fixed to ``example_input``'s channels and spatial size (default: 224 per axis, or the
+        size a torch.export-traced explainer was built for); the batch stays dynamic.
         """
         from .explicit import explicit_module
 
@@ -139,7 +141,7 @@ class Explainer(nn.Module):
                 f"explicit() supports methods whose attribution is signal x input; {self.method!r} "
                 f"attributes the signal itself"
             )
-        return explicit_module(self)
+        return explicit_module(self, example_input)
 
     # -- checks -----------------------------------------------------------------------------
 
