@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 4 on a CUDA machine: the same speed and memory ratios as on the CPU, in milliseconds and
+# MiB, for ResNet-50 at batch 1 and 8. ORT columns use CUDAExecutionProvider when onnxruntime-gpu
+# is installed (pip install 'tsgb-fx[gpu]'), and are skipped otherwise. Finishes in under 5
+# minutes (each step has a hard timeout); never run by the tests.
+#
+#   benchmarks/gpu.sh                     # from the repository root, with .venv or python3 on PATH
+#   RESULTS=/some/dir benchmarks/gpu.sh   # where the JSON/markdown go (default: $OUT if set, else
+#                                         # benchmarks/results/gpu)
+#
+# Overrides for a smoke test without a GPU: DEVICE=cpu MODELS=resnet18 SIZE=64 REPEATS=1 ONNX=0
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+DEVICE=${DEVICE:-cuda}
+MODELS=${MODELS:-resnet50}
+SIZE=${SIZE:-224}
+REPEATS=${REPEATS:-20}
+WARMUP=${WARMUP:-3}
+ONNX=${ONNX:-1}
+RESULTS=${RESULTS:-${OUT:-benchmarks/results/gpu}}
+mkdir -p "$RESULTS"
+started=$(date +%s)
+
+echo "== machine"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" - "$DEVICE" <<'EOF' || exit 1
+import sys, torch
+device = sys.argv[1]
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), threads {torch.get_num_threads()}")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device: install a CUDA build of torch or run with DEVICE=cpu")
+if device.startswith("cuda"):
+    print("device:", torch.cuda.get_device_name())
+try:
+    import onnxruntime as ort
+    print("onnxruntime", ort.__version__, ort.get_available_providers())
+except ImportError:
+    print("onnxruntime not installed: ORT columns skipped")
+EOF
+
+echo "== speed, torch (ms and ratio to the plain forward)"
+timeout 90 "$PY" -m benchmarks.speed --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
+    --repeats "$REPEATS" --warmup "$WARMUP" --no-onnx \
+    --json-out "$RESULTS/speed.json" --markdown-out "$RESULTS/speed.md"
+speed_rc=$?
+[ $speed_rc = 0 ] || echo "speed: exit $speed_rc (124 = ran past its 90 s)"
+
+echo "== memory (peak above the state before the call; explain vs forward with a grad-requiring input)"
+timeout 55 "$PY" -m benchmarks.memory --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
+    --cases forward_grad gradient tsgb_eager \
+    --json-out "$RESULTS/memory.json" --markdown-out "$RESULTS/memory.md"
+memory_rc=$?
+[ $memory_rc = 0 ] || echo "memory: exit $memory_rc (124 = ran past its 55 s)"
+
+# ORT last: the two ONNX exports take the longest, and the torch numbers above are already safe.
+ort_rc=0
+if [ "$ONNX" = 1 ] && "$PY" -c "import sys, onnxruntime as o; sys.exit('CUDAExecutionProvider' not in o.get_available_providers() and '$DEVICE' != 'cpu')" 2>/dev/null; then
+    echo "== speed with onnxruntime (ORT ratio: the exported explainer to ORT's own forward)"
+    timeout 130 "$PY" -m benchmarks.speed --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
+        --repeats "$REPEATS" --warmup "$WARMUP" --no-explicit \
+        --json-out "$RESULTS/speed_ort.json" --markdown-out "$RESULTS/speed_ort.md"
+    ort_rc=$?
+    [ $ort_rc = 0 ] || echo "ORT: exit $ort_rc (124 = ran past its 130 s)"
+else
+    echo "== onnxruntime: no CUDAExecutionProvider (pip install 'tsgb-fx[gpu]'), or ONNX=0: ORT skipped"
+fi
+
+echo "== done in $(( $(date +%s) - started )) s; results in $RESULTS"
+[ $speed_rc = 0 ] && [ $memory_rc = 0 ] && [ $ort_rc = 0 ]
