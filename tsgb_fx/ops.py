@@ -110,7 +110,8 @@ _ATEN = {
     aten.hardtanh: "relu",
 }
 
-_MODULE_FORWARDS = {
+# A standard layer's forward -> its kind; also tells the tracer which modules to keep whole.
+LAYER_FORWARDS = {
     nn.Conv1d.forward: "conv",
     nn.Conv2d.forward: "conv",
     nn.Conv3d.forward: "conv",
@@ -207,7 +208,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module]) -> OpSite | None:
     """The :class:`OpSite` of ``node`` if it is one of the :data:`KINDS`."""
     if node.op == "call_module":
         module = modules.get(str(node.target))
-        kind = _MODULE_FORWARDS.get(type(module).forward) if module is not None else None
+        kind = LAYER_FORWARDS.get(type(module).forward) if module is not None else None
         return _module_site(node, module, kind) if kind else None
     if node.op == "call_method":
         if node.target not in _METHODS:

@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .ops import _MODULE_FORWARDS
+from .ops import LAYER_FORWARDS
 
 TRACERS = ("auto", "fx", "export")
 
@@ -80,7 +80,7 @@ class _Tracer(fx.Tracer):
             return True
         # a subclass of a standard layer that keeps its forward is that layer: keep it whole
         # (tracing into it fails on checks such as BatchNorm's input.dim())
-        if type(module).forward in _MODULE_FORWARDS:
+        if type(module).forward in LAYER_FORWARDS:
             return True
         return super().is_leaf_module(module, qualname)
 
