@@ -48,7 +48,7 @@ def tsgb_conv_backward(
     """The signal TSGB-Conv sends to ``x``, a pure function of (x, y, g) and the geometry."""
     rule_groups = groups if conv_groups == "layer" else 1
     relevance = (g * y).unflatten(1, (rule_groups, -1)).sum(2)  # c: (N, G, *S_out)
-    mass = torch.linalg.vector_norm(x.unflatten(1, (rule_groups, -1)), ord=1, dim=2)  # sum |x|: (N, G, *S_in)
+    mass = x.abs().unflatten(1, (rule_groups, -1)).sum(2)  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
     spread = box_transpose(ratio, geometry, x.shape[2:])  # BoxT(r): (N, G, *S_in)
     return (x.sign().unflatten(1, (rule_groups, -1)) * spread.unsqueeze(2)).flatten(1, 2)
