@@ -143,3 +143,19 @@ def test_export_tracer_matches_reference():
     result = explainer(x)
     expected = reference_saliency(swap_in_reference_rules(model, "fc"), x, result.target)
     assert relative_error(result.saliency, expected) < 1e-6
+
+
+def _rectified_flags(explainer):
+    """input_rectified of each TSGB-Conv node, in graph order."""
+    nodes = explainer.graph_module.graph.nodes
+    return [node.kwargs["input_rectified"] for node in nodes if "input_rectified" in node.kwargs]
+
+
+def test_rectified_input_shortcut_only_after_plain_rectifiers():
+    """TSGB-Conv skips sign(x) only where a plain-gradient ReLU's backward zeroes x == 0 anyway."""
+    model = torchvision.models.resnet18().eval()
+    plain = _rectified_flags(tsgb_fx.explainer(model))
+    # the stem reads the image and layer1.0.conv1 the max pool; all 18 others (downsample too) a ReLU
+    assert plain == [False, False] + [True] * 18
+    mixed = {**tsgb_fx.methods.tsgb().rules, "relu": tsgb_fx.methods.deconvnet().rules["relu"]}
+    assert not any(_rectified_flags(tsgb_fx.explainer(model, method=mixed)))

@@ -134,6 +134,23 @@ def _check_signature(rule: Rule, site: OpSite, kind: str) -> None:
         pass
 
 
+def _facts_for(rule: Rule, site: OpSite, rectifiers: set[fx.Node], replaced: Mapping[fx.Node, fx.Node]) -> dict:
+    """Graph facts a rule function may ask for by naming them as a parameter.
+
+    ``input_rectified``: the op's input is the output of a rectifier with ``min_val == 0`` (ReLU,
+    ReLU6) that keeps its plain gradient, so the input is non-negative and the rectifier's
+    backward zeroes the signal wherever the input is 0 (TSGB-Conv uses it to skip work).
+    """
+    try:
+        parameters = inspect.signature(rule.function).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return {}
+    if "input_rectified" not in parameters:
+        return {}
+    x = site.arguments.get("x")
+    return {"input_rectified": x in rectifiers and x not in replaced}
+
+
 def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> dict[str, RuleSite]:
     """Apply ``method`` to ``graph_module`` in place; return node name -> :class:`RuleSite`.
 
@@ -145,6 +162,7 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
     sites = find_op_sites(graph_module)
     _check_keys(method, sites)
     classifiers = find_classifiers(graph_module, sites)
+    rectifiers = {site.node for site in sites if site.kind == "relu" and site.arguments["min_val"] == 0.0}
     decided: dict[str, RuleSite] = {}
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
@@ -157,6 +175,7 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
         _check_signature(rule, site, kind)
         with graph.inserting_before(site.node):
             arguments = {name: _materialise(graph, value, replaced) for name, value in site.arguments.items()}
+            arguments.update(_facts_for(rule, site, rectifiers, replaced))
             replacement = graph.call_function(rule.function, kwargs={**arguments, **rule.options})
         replacement.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(replacement)

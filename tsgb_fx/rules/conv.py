@@ -44,13 +44,25 @@ def tsgb_conv_backward(
     geometry: WindowGeometry,
     groups: int,
     conv_groups: str,
+    input_rectified: bool = False,
 ) -> torch.Tensor:
-    """The signal TSGB-Conv sends to ``x``, a pure function of (x, y, g) and the geometry."""
+    """The signal TSGB-Conv sends to ``x``, a pure function of (x, y, g) and the geometry.
+
+    ``input_rectified``: ``x`` is the output of a rectifier (ReLU, ReLU6) that keeps its plain
+    gradient. Then ``|x| = x``, and ``sign(x)`` is 1 except where ``x == 0``, exactly where the
+    rectifier's own backward zeroes the signal anyway; so ``BoxT(r)`` is sent as a broadcast view,
+    saving three passes over ``x`` (``abs``, ``sign``, the product) with the same map.
+    """
     rule_groups = groups if conv_groups == "layer" else 1
     relevance = (g * y).unflatten(1, (rule_groups, -1)).sum(2)  # c: (N, G, *S_out)
-    mass = x.abs().unflatten(1, (rule_groups, -1)).sum(2)  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower
+    magnitude = x if input_rectified else x.abs()
+    mass = magnitude.unflatten(1, (rule_groups, -1)).sum(2)  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
     spread = box_transpose(ratio, geometry, x.shape[2:])  # BoxT(r): (N, G, *S_in)
+    if input_rectified and rule_groups == 1:
+        return spread.expand_as(x)
+    if input_rectified:
+        return spread.repeat_interleave(x.shape[1] // rule_groups, dim=1)
     return (x.sign().unflatten(1, (rule_groups, -1)) * spread.unsqueeze(2)).flatten(1, 2)
 
 
@@ -58,24 +70,25 @@ class TSGBConvFunction(torch.autograd.Function):
     """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups):
+    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified):
         return CONV_BY_NDIM[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding, dilation, groups, conv_groups = inputs
+        x, weight, _bias, stride, padding, dilation, groups, conv_groups, input_rectified = inputs
         ctx.save_for_backward(x, output)
         ctx.geometry = WindowGeometry(tuple(weight.shape[2:]), stride, padding, dilation)
         ctx.groups = groups
         ctx.conv_groups = conv_groups
+        ctx.input_rectified = input_rectified
 
     @staticmethod
     def backward(ctx, g):
         x, y = ctx.saved_tensors
         g_x = None
         if ctx.needs_input_grad[0]:
-            g_x = tsgb_conv_backward(x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups)
-        return g_x, None, None, None, None, None, None, None
+            g_x = tsgb_conv_backward(x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified)
+        return g_x, None, None, None, None, None, None, None, None
 
 
 def _explicit_padding(x, weight, padding, dilation, padding_mode):
@@ -112,11 +125,14 @@ def normalise_geometry(x, weight, stride, padding, dilation, padding_mode):
 
 
 def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-              conv_groups="reference"):
+              conv_groups="reference", input_rectified=False):
     """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
 
     Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
-    ``'valid'``, and a module's ``padding_mode``.
+    ``'valid'``, and a module's ``padding_mode``. ``input_rectified`` is set by the rewrite when
+    ``x`` comes straight from a plain-gradient rectifier (see :func:`tsgb_conv_backward`); an
+    explicit pad in between makes it moot, so it is then dropped.
     """
-    x, stride, padding, dilation = normalise_geometry(x, weight, stride, padding, dilation, padding_mode)
-    return TSGBConvFunction.apply(x, weight, bias, stride, padding, dilation, groups, conv_groups)
+    padded, stride, padding, dilation = normalise_geometry(x, weight, stride, padding, dilation, padding_mode)
+    rectified = input_rectified and padded is x
+    return TSGBConvFunction.apply(padded, weight, bias, stride, padding, dilation, groups, conv_groups, rectified)
