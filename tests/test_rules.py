@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsgb_fx.rules import ratio_avg_pool, ratio_batch_norm, tsgb_conv, tsgb_linear
+from tsgb_fx.rules import conv as conv_module
 
 EPS = 1e-10
 
@@ -129,6 +130,30 @@ def test_tsgb_conv_matches_window_by_window_formula(case, conv_groups):
     )
     torch.testing.assert_close(y, expected_y)
     torch.testing.assert_close(g_x, reference_tsgb_conv(x, g, conv, conv_groups), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+@pytest.mark.parametrize("case", ["plain", "stride2-odd", "groups", "depthwise", "pointwise-stride2-odd", "conv3d"])
+def test_tsgb_conv_shortcuts_match_the_formula(case, conv_groups, monkeypatch):
+    """After a plain ReLU (input_rectified) and with the batch summed in chunks: still TSGB.md.
+
+    The rectified shortcut sends BoxT(r) where the formula sends sign(x) * BoxT(r); they differ
+    only where x == 0, which the ReLU's own backward zeroes, so the signal before the ReLU is
+    compared. One image per chunk forces the chunked relevance sum.
+    """
+    monkeypatch.setattr(conv_module, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(3)
+    ndim, cin, cout, size, kwargs = CONV_CASES[case]
+    conv, pre_activation = _conv_case(ndim, cin, cout, size, **kwargs)
+    x = pre_activation.relu()
+    g = torch.randn_like(conv(x))
+    pre = pre_activation.clone().requires_grad_(True)
+    y = tsgb_conv(pre.relu(), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                  conv.padding_mode, conv_groups=conv_groups, input_rectified=True)
+    (g_pre,) = torch.autograd.grad(y, pre, g)
+    expected = reference_tsgb_conv(x, g, conv, conv_groups) * (pre_activation > 0)
+    torch.testing.assert_close(g_pre, expected, rtol=1e-9, atol=1e-9)
+    assert (x == 0).any() and (g_pre != 0).any()
 
 
 def test_tsgb_conv_groups_modes_differ_only_for_grouped_convs():

@@ -53,7 +53,7 @@ class RatioAvgPoolFunction(torch.autograd.Function):
         x, y = ctx.saved_tensors
         g_x = None
         if ctx.needs_input_grad[0]:
-            g_x = divide_by_input(avg_pool_transpose(g * y, x, *ctx.pooling), x)
+            g_x = divide_by_input(x, avg_pool_transpose(g * y, x, *ctx.pooling))
         return (g_x,) + (None,) * 6
 
 

@@ -27,7 +27,7 @@ class RatioBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y = ctx.saved_tensors
-        g_x = divide_by_input(g * y, x) if ctx.needs_input_grad[0] else None
+        g_x = divide_by_input(x, y, g) if ctx.needs_input_grad[0] else None
         return g_x, None, None, None, None, None
 
 

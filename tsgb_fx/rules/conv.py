@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .box import WindowGeometry, box, box_transpose, per_axis
 
 EPS = 1e-10
+CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: products larger than this are summed in batch chunks
 CONV_GROUPS = ("reference", "layer")
 
 CONV_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -54,7 +55,7 @@ def tsgb_conv_backward(
     saving three passes over ``x`` (``abs``, ``sign``, the product) with the same map.
     """
     rule_groups = groups if conv_groups == "layer" else 1
-    relevance = (g * y).unflatten(1, (rule_groups, -1)).sum(2)  # c: (N, G, *S_out)
+    relevance = channel_sums_of_product(g, y, rule_groups)  # c: (N, G, *S_out)
     magnitude = x if input_rectified else x.abs()
     mass = magnitude.unflatten(1, (rule_groups, -1)).sum(2)  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
@@ -63,7 +64,23 @@ def tsgb_conv_backward(
         return spread.expand_as(x)
     if input_rectified:
         return spread.repeat_interleave(x.shape[1] // rule_groups, dim=1)
-    return (x.sign().unflatten(1, (rule_groups, -1)) * spread.unsqueeze(2)).flatten(1, 2)
+    return x.sign().unflatten(1, (rule_groups, -1)).mul_(spread.unsqueeze(2)).flatten(1, 2)
+
+
+def channel_sums_of_product(g: torch.Tensor, y: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sum over the channels of each group of g * y``: (N, C, *S) -> (N, groups, *S).
+
+    In eager mode a product bigger than :data:`CHUNK_ELEMENTS` is formed a few images at a time:
+    the full-size temporary only feeds a channel sum, and allocating one of tens of megabytes
+    costs several times the arithmetic on CPU (fresh pages on every call); chunks stay in the
+    allocator's cache. Traced (symbolic batch), it is the one plain expression.
+    """
+    batch = g.shape[0]
+    per_chunk = CHUNK_ELEMENTS // max(1, g[0].numel())
+    if isinstance(batch, torch.SymInt) or per_chunk >= batch:
+        return (g * y).unflatten(1, (groups, -1)).sum(2)
+    rows = [slice(start, start + max(1, per_chunk)) for start in range(0, batch, max(1, per_chunk))]
+    return torch.cat([(g[r] * y[r]).unflatten(1, (groups, -1)).sum(2) for r in rows])
 
 
 class TSGBConvFunction(torch.autograd.Function):
