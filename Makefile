@@ -43,7 +43,11 @@ BENCH_THREADS ?=
 BENCH_RESULTS := benchmarks/results
 BENCH_ARGS = --repeats $(BENCH_REPEATS) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
 
-bench: venv
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed
 	@mkdir -p $(BENCH_RESULTS)
 	@date +%s > $(BENCH_RESULTS)/started
 	$(BIN)/python -m benchmarks.speed --models $(BENCH_MODELS) --batch-sizes 1 8 $(BENCH_ARGS) --warmup-next 0 \
