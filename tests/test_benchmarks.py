@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, memory, peers, plot, report, speed
+from benchmarks import common, memory, peers, plot, quality, report, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,6 +233,86 @@ def test_optional_peer_column_only_when_measured():
 def test_memory_table():
     text = memory.render(_memory_payload())
     assert text.splitlines()[-1] == "| resnet50 | 1 | 100 MiB | 110 MiB | 140 MiB | 1.40x |"
+
+
+# -- quality: mosaics and hand-drawn boxes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("count, cells", [(9, 4), (9, 9), (6, 4), (10, 9)])
+def test_mosaic_layouts_put_every_photo_in_every_cell_once(count, cells):
+    layouts = quality.mosaic_layouts(count, cells)
+    assert len(layouts) == count
+    assert all(len(layout) == cells and len(set(layout)) == cells for layout in layouts)  # no photo twice
+    visits = {}
+    for layout in layouts:
+        for cell, photo in enumerate(layout):
+            visits[photo, cell] = visits.get((photo, cell), 0) + 1
+    assert visits == {(photo, cell): 1 for photo in range(count) for cell in range(cells)}
+
+
+def test_mosaic_layouts_need_enough_photos():
+    with pytest.raises(ValueError):
+        quality.mosaic_layouts(8, 9)
+
+
+@pytest.mark.parametrize("grid, size, edges", [
+    (2, None, [0, 112, 224]),  # the benchmark's mosaics: 112 x 112 cells whatever the grid
+    (3, None, [0, 112, 224, 336]),
+    (3, 224, [0, 75, 149, 224]),  # a size that the grid does not divide: the metric's uneven cells
+])
+def test_make_mosaic_fills_exactly_the_metric_cells(grid, size, edges):
+    import numpy as np
+    import torch
+
+    from tsgb_fx import metrics
+
+    levels = [20 * k + 10 for k in range(grid * grid)]  # one grey level per photo
+    photos = [np.full((30 + k, 40, 3), level, dtype=np.uint8) for k, level in enumerate(levels)]
+    mosaic = quality.make_mosaic(photos, grid, size)
+    expected = torch.empty(3, edges[-1], edges[-1])
+    for k, level in enumerate(levels):  # the cells, row-major, from the edges written out above
+        row, col = divmod(k, grid)
+        expected[:, edges[row] : edges[row + 1], edges[col] : edges[col + 1]] = (level / 255 - 0.5) / 0.5
+    assert torch.allclose(mosaic, expected)
+    # a map that marks photo k's pixels scores 1 for cell k in the grid pointing game
+    for k, level in enumerate(levels):
+        marked = torch.isclose(mosaic[0], torch.tensor((level / 255 - 0.5) / 0.5)).float()[None]
+        assert metrics.grid_pointing_game(marked, k, grid=grid).tolist() == [1.0]
+
+
+def test_scale_boxes_keeps_the_map_pixels_whose_centres_lie_in_the_box():
+    import numpy as np
+
+    cases = [((451, 300), [0, 0, 390, 300]), ((600, 400), [172, 17, 410, 306]), ((741, 500), [92, 85, 688, 452]),
+             ((10, 7), [3, 1, 4, 6]), ((500, 500), [0, 0, 500, 500])]
+    for (width, height), box in cases:
+        [(x0, y0, x1, y1)] = quality.scale_boxes([box], (width, height), 224)
+        centres = np.arange(224) + 0.5  # map pixel centres, mapped back into the photo below
+        inside_x = (centres * width / 224 >= box[0]) & (centres * width / 224 < box[2])
+        inside_y = (centres * height / 224 >= box[1]) & (centres * height / 224 < box[3])
+        assert inside_x[x0:x1].all() and not inside_x[:x0].any() and not inside_x[x1:].any()
+        assert inside_y[y0:y1].all() and not inside_y[:y0].any() and not inside_y[y1:].any()
+
+
+def test_box_file_covers_every_photo_with_boxes_inside_it():
+    boxes = quality.load_boxes()
+    assert set(boxes) == {photo.name for photo in quality.PHOTOS}
+    for photo in quality.PHOTOS:
+        array = photo.load()
+        entry = boxes[photo.name]
+        assert entry["size"] == [array.shape[1], array.shape[0]], photo.name  # drawn on this very photo
+        for x0, y0, x1, y1 in entry["boxes"]:
+            assert 0 <= x0 < x1 <= array.shape[1] and 0 <= y0 < y1 <= array.shape[0], photo.name
+        assert entry["encloses"] and isinstance(entry["misread"], bool) and isinstance(entry["class"], int)
+
+
+def test_load_boxes_rejects_a_box_outside_its_photo(tmp_path):
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps({"photos": {"a": {"size": [10, 8], "boxes": [[0, 0, 11, 8]]}}}))
+    with pytest.raises(ValueError, match="outside"):
+        quality.load_boxes(path)
+    path.write_text(json.dumps({"photos": {"a": {"size": [10, 8], "boxes": [[0, 0, 10, 8]]}}}))
+    assert quality.load_boxes(path)["a"]["boxes"] == [[0, 0, 10, 8]]
 
 
 # -- smoke runs (a table comes out; no time is checked) ------------------------------------------------
