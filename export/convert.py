@@ -1,4 +1,4 @@
-"""Write an explainer as one ONNX graph: forward plus TSGB backward, standard operators only.
+"""Write an explainer as one ONNX graph: forward plus rule backward, standard operators only.
 
 The path is ``explainer -> explicit fx graph (tsgb_fx.explicit) -> torch.export (dynamic batch)
 -> torch.onnx (dynamo exporter, onnxscript's torchlib) -> inline every local function -> check``.
@@ -46,10 +46,15 @@ def to_onnx(
     its shape and dtype are used). Every node is of the standard ONNX domain, no local functions
     are left, and the model passes ``onnx.checker.check_model(..., full_check=True)``.
 
-    ``metadata_props`` (keys ``tsgb.*``) record the method, its rule options, the tsgb-fx
-    version, the input shape, the number of classes and, when given, the normalisation
-    ``mean``/``std`` the model expects (one value per channel), so a server can prepare images
-    without the training code.
+    Every method exports (``tsgb``, ``gradient``, ``grad_x_input``, ``guided_backprop``,
+    ``deconvnet``, custom rule maps): the saliency is the explainer's, the channel sum of signal
+    x image or, for methods whose attribution is the signal itself, of the signal.
+
+    ``metadata_props`` (keys ``tsgb.*``) record the method, its rule options, whether the
+    attribution is signal x image (``tsgb.times_input``, JSON bool: a custom method's name does
+    not say), the tsgb-fx version, the input shape, the number of classes and, when given, the
+    normalisation ``mean``/``std`` the model expects (one value per channel), so a server can
+    prepare images without the training code.
 
     ``opset``: the ONNX opset to target (default: the exporter's). Returns the written path.
     """
@@ -87,15 +92,19 @@ def to_onnx(
     if dynamic_batch:
         _name_batch_dim(model)
     info = explicit.meta["tsgb_fx"]
+    formed = "TSGB signal at the image * image" if info["method"] == "tsgb" else (
+        "signal at the image * image" if info["times_input"] else "signal at the image"
+    )
     classes = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
     metadata = {
         f"{METADATA_PREFIX}version": tsgb_fx.__version__,
         f"{METADATA_PREFIX}method": info["method"],
         f"{METADATA_PREFIX}options": json.dumps(info["options"], sort_keys=True),
+        f"{METADATA_PREFIX}times_input": json.dumps(info["times_input"]),
         f"{METADATA_PREFIX}input_shape": json.dumps(list(info["input_shape"])),
         f"{METADATA_PREFIX}num_classes": str(classes),
         f"{METADATA_PREFIX}target": "int64 [N]: the class to explain per image, -1 = the image's top-1 class",
-        f"{METADATA_PREFIX}saliency": "channel sum of (TSGB signal at the image * image), float [N, 1, H, W]",
+        f"{METADATA_PREFIX}saliency": f"channel sum of ({formed}), float [N, 1, H, W]",
         **{f"{METADATA_PREFIX}{name}": json.dumps(values) for name, values in normalisation.items()},
     }
     del model.metadata_props[:]

@@ -45,8 +45,8 @@ class OnnxExplainer:
 
     Attributes: ``input_shape`` (C, H, W), ``num_classes``, ``batch_size`` (None if dynamic),
     ``providers`` (those the session runs on), ``metadata`` (the file's ``metadata_props``,
-    ``tsgb.`` prefix dropped and JSON values decoded: method, options, version, input_shape,
-    num_classes, mean/std where recorded), ``mean`` and ``std`` (per-channel normalisation the
+    ``tsgb.`` prefix dropped and JSON values decoded: method, options, times_input, version,
+    input_shape, num_classes, mean/std where recorded), ``mean`` and ``std`` (per-channel normalisation the
     model expects, None where the file does not say; the caller applies it), ``class_names``
     (where ``tsgb export`` recorded them, else None).
     """

@@ -311,7 +311,3 @@ def test_unknown_keys_and_misplaced_rules_are_refused(resnet):
     with pytest.raises(TypeError, match="method"):
         tsgb_fx.explainer(resnet, method=3)
 
-
-def test_explicit_graph_is_refused_for_gradient_attributions(resnet):
-    with pytest.raises(NotImplementedError, match="signal"):
-        tsgb_fx.explainer(resnet, method="guided_backprop").explicit()

@@ -1,7 +1,31 @@
-"""ONNX export and the torch-free runtime (issue 3, items 2 and 3).
+"""ONNX export and the torch-free runtime (issue 3, items 2 and 3; issue 6; issue 7, item 7).
 
 Parity is ONNX Runtime against the autograd explainer: relative L2 of the saliency below 1e-4
 and identical top-1 classes, for batches of 1 and 3 from one exported file.
+
+The round trip (issue 7) is ONNX Runtime against the explicit graph the file was exported from,
+same input, measured by :func:`~tests.helpers.map_error` (the worst image's max pixel error over
+its max map value). float32 only: onnxruntime's CPU provider has no double Conv kernel
+("Could not find an implementation for Conv(11)", onnxruntime 1.32), so a float64 file cannot
+run there. In float32 the two runtimes sum convolutions in different orders (MLAS vs oneDNN),
+and the gap is float32 rounding of the forward, growing with depth. Measured, map_error of ORT
+against the torch graph, with torch float32 against a float64 torch graph in brackets:
+
+============  =================  =================  =================
+model         tsgb               gradient           guided_backprop
+============  =================  =================  =================
+tiny          4e-7  (3e-7)       2e-7  (2e-7)       1e-7  (2e-7)
+resnet18      9e-6  (5e-6)       1e-6  (8e-7)       3e-7  (2e-7)
+vgg11_bn      2e-5  (2e-5)       2e-6  (7e-3)       2e-7  (2e-7)
+mobilenet_v2  8e-5  (6e-5)       9e-3  (1e-6)       3e-5  (2e-7)
+============  =================  =================  =================
+
+So 1e-6 holds on the tiny net (every method, seeds 0-2: at most 5.3e-7) and is not reachable in
+float32 on deep nets, where torch itself is as far from float64; there the ONNX round trip
+adds no more than float32 rounding (the slow test below). The 1e-3 to 1e-2 entries are not
+drift but decisions: a pre-activation within ~1e-6 of a ReLU/ReLU6 boundary (mobilenet_v2,
+image 1, features.12: 1.2e-6) falls on different sides in the two runtimes, and a gradient-type
+map, piecewise constant in the activation pattern, jumps. TSGB's maps are continuous there.
 """
 
 from __future__ import annotations
@@ -19,15 +43,18 @@ import torch
 import tsgb_fx
 
 from .explicit_models import build, explainer_for, model_params
+from .helpers import map_error
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
 from tsgb_export import to_onnx  # noqa: E402
+from tsgb_fx.explicit import explicit_module  # noqa: E402
 from tsgb_export.runtime import OnnxExplainer, OnnxExplanation  # noqa: E402
 
 TOLERANCE = 1e-4
+ROUND_TRIP = 1e-6  # issue 7: the file's maps are the explicit graph's (shallow nets, float32)
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -85,6 +112,86 @@ def test_parity_with_autograd_explainer(name, tmp_path, request):
 
 
 # ---------------------------------------------------------------------------------------------
+# Round trip: ONNX Runtime against the explicit graph the file came from (issue 7)
+
+
+def _explicit_maps(explainer, images, target):
+    """The in-process explicit graph's (logits, saliency): what to_onnx traced and exported."""
+    graph = explicit_module(explainer, images)
+    with torch.inference_mode():
+        return graph(images, target)
+
+
+def _float32_floor(name, saliency, images, target):
+    """map_error of the torch float32 map against the same seeded model's float64 map: how
+    exactly float32 can give this map at all, whatever the runtime."""
+    model64 = build(name)[0].double()  # build() is seeded: the weights are the exported ones
+    _, saliency64 = _explicit_maps(explainer_for(name, model64, images.double()), images.double(), target)
+    return map_error(saliency, saliency64)
+
+
+def test_round_trip_matches_the_explicit_graph(tiny):
+    """The tsgb file run through OnnxExplainer gives the maps of the explicit graph it was traced
+    from, on the same 9 images: within 1e-6 (measured 7.6e-7), and within four times torch's
+    own float32 error (float64 graph as truth), which is what sets that number: over 160
+    random images the round trip's median is 2.5e-7 and its worst 1.1e-6, torch float32's worst
+    8e-7; TSGB-FC balances evidence for and against the target to a zero total, so the map is
+    a difference of larger terms and carries their rounding."""
+    explainer, images, path = tiny
+    batch = torch.cat([images, -images, 0.5 * images.flip(0)])  # 9 images, mixed targets
+    target = torch.tensor([-1, 3, -1, 0, 9, -1, 5, -1, 2])
+    logits, saliency = _explicit_maps(explainer, batch, target)
+    result = OnnxExplainer(path)(batch.numpy(), target.numpy())
+    error, floor = map_error(result.saliency, saliency), _float32_floor("tiny", saliency, batch, target)
+    print(f"tiny tsgb: ONNX round trip map_error {error:.1e}, torch float32 vs float64 {floor:.1e}")
+    assert error <= ROUND_TRIP
+    assert error <= 4 * floor
+    assert map_error(result.logits, logits) <= ROUND_TRIP
+    np.testing.assert_array_equal(result.target, torch.where(target < 0, logits.argmax(1), target).numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2"])
+def test_round_trip_on_deep_nets_is_float32_rounding(name, tmp_path):
+    """Where 1e-6 is out of reach (measured 9e-6, 2e-5, 8e-5): ORT's tsgb map is no farther
+    from the torch graph than four times torch float32's own distance from the float64 graph
+    (measured ratios 0.9 to 1.8): the file adds no error beyond float32 rounding."""
+    explainer, images, path = _export(name, tmp_path)
+    target = torch.tensor([5, -1, 7])
+    _, saliency = _explicit_maps(explainer, images, target)
+    error = map_error(OnnxExplainer(path)(images.numpy(), target.numpy()).saliency, saliency)
+    floor = _float32_floor(name, saliency, images, target)
+    print(f"{name} tsgb: ONNX round trip map_error {error:.1e}, torch float32 vs float64 {floor:.1e}")
+    assert error <= max(4 * floor, ROUND_TRIP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods whose attribution is the signal itself (issue 6)
+
+
+def test_gradient_type_method_exports(tmp_path):
+    """Guided backprop: saliency = sum_C(signal), not signal x image; the rule's gating ops run
+    in ORT; the metadata says which method and how the map is formed."""
+    model, images = build("tiny")
+    explainer = tsgb_fx.explainer(model, method="guided_backprop")
+    path = to_onnx(explainer, tmp_path / "tiny_guided.onnx", images[:1])
+    runtime = OnnxExplainer(path)
+    assert runtime.metadata["method"] == "guided_backprop"
+    assert runtime.metadata["times_input"] is False
+    assert runtime.metadata["saliency"].startswith("channel sum of (signal at the image)")
+    target = np.array([7, -1, 3])
+    result = runtime(images.numpy(), target)
+    reference = explainer(images, target=torch.as_tensor(result.target))
+    print(f"tiny guided_backprop: saliency rel L2 {_relative(result.saliency, reference.saliency):.2e}")
+    assert _relative(result.saliency, reference.saliency) < TOLERANCE
+    assert _relative(result.logits, reference.logits) < TOLERANCE
+    times_input = (reference.attribution * images).sum(1, keepdim=True)  # what the file must not compute
+    assert _relative(result.saliency, times_input) > 0.1
+    _, saliency = _explicit_maps(explainer, images, torch.as_tensor(target))
+    assert map_error(result.saliency, saliency) <= ROUND_TRIP
+
+
+# ---------------------------------------------------------------------------------------------
 # The file: standard ops, full checker, interface, metadata
 
 
@@ -133,6 +240,8 @@ def test_metadata_round_trip(tiny):
     _, images, path = tiny
     props = {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
     assert props["tsgb.method"] == "tsgb"
+    assert json.loads(props["tsgb.times_input"]) is True
+    assert props["tsgb.saliency"].startswith("channel sum of (TSGB signal at the image * image)")
     assert props["tsgb.version"] == tsgb_fx.__version__
     assert json.loads(props["tsgb.options"]) == {"conv_groups": "reference", "classifier": "last"}
     runtime = OnnxExplainer(path)

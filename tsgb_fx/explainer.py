@@ -132,15 +132,12 @@ class Explainer(nn.Module):
         Forward plus rule backward written out as ordinary tensor ops (no autograd at run time),
         ``target < 0`` meaning each image's top-1 class; see :mod:`tsgb_fx.explicit`. The graph
         is fixed to ``example_input``'s channels and spatial size (default: 224 per axis, or the
-        size a torch.export-traced explainer was built for); the batch stays dynamic.
+        size a torch.export-traced explainer was built for); the batch stays dynamic. The
+        saliency is this explainer's for every method: the channel sum of signal x image, or of
+        the signal itself where ``times_input`` is False (gradient, guided backprop, deconvnet).
         """
         from .explicit import explicit_module
 
-        if not self.times_input:  # the explicit graph writes saliency = sum_C(signal * image)
-            raise NotImplementedError(
-                f"explicit() supports methods whose attribution is signal x input; {self.method!r} "
-                f"attributes the signal itself"
-            )
         return explicit_module(self, example_input)
 
     # -- checks -----------------------------------------------------------------------------

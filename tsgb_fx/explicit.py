@@ -12,8 +12,12 @@ every op it executes, forward and backward alike, is recorded as an ordinary ATe
       chosen   = where(target < 0, argmax(logits), target)
       one_hot  = (arange(K) == chosen[:, None])           no scatter: plain comparisons
       signal   = d(logits . one_hot) / d(image)           traced: rule backwards become ops
-      saliency = sum_C(signal * image)                    (N, 1, *S)
-    -> (logits, saliency)
+      saliency = sum_C(signal * image)                    (N, 1, *S); sum_C(signal) for methods
+    -> (logits, saliency)                                 whose attribution is the signal itself
+
+The saliency is the explainer's, whatever the method: ``signal * image`` where
+``explainer.times_input`` (tsgb, grad_x_input), the signal alone where not (gradient,
+guided_backprop, deconvnet). The choice is fixed when tracing, so the graph holds no branch.
 
 Nothing is written per model: the graph is whatever the rules and autograd compute. Backward
 kernels that other runtimes lack (``avg_pool2d_backward``, ``max_pool2d_with_indices_backward``,
@@ -200,8 +204,12 @@ def _get_attr(module: nn.Module, path: str):
     return value
 
 
-def _explanation(graph_module: fx.GraphModule, names: list[str]):
-    """The function make_fx traces: (tensors, image, target) -> (logits, saliency)."""
+def _explanation(graph_module: fx.GraphModule, names: list[str], times_input: bool):
+    """The function make_fx traces: (tensors, image, target) -> (logits, saliency).
+
+    ``times_input`` is the explainer's: the attribution is ``signal * image`` or the signal
+    itself, exactly as :meth:`tsgb_fx.Explainer.forward` forms it, so the two maps agree.
+    """
 
     def explain(state, image, target):
         with torch.enable_grad():
@@ -211,13 +219,15 @@ def _explanation(graph_module: fx.GraphModule, names: list[str]):
             classes = torch.arange(logits.shape[1], device=logits.device)
             one_hot = (classes == chosen.unsqueeze(1)).to(logits.dtype)
             (signal,) = torch.autograd.grad(logits, image, grad_outputs=one_hot)
-        saliency = (signal * image).sum(dim=1, keepdim=True)
+        attribution = signal * image if times_input else signal
+        saliency = attribution.sum(dim=1, keepdim=True)
         return logits.detach(), saliency.detach()
 
     return explain
 
 
-def _trace(graph_module: fx.GraphModule, tensors: dict[str, torch.Tensor], shape, dtype, device) -> fx.GraphModule:
+def _trace(graph_module: fx.GraphModule, tensors: dict[str, torch.Tensor], shape, dtype, device,
+           times_input: bool = True) -> fx.GraphModule:
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -237,7 +247,7 @@ def _trace(graph_module: fx.GraphModule, tensors: dict[str, torch.Tensor], shape
         symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]),
     )
     state = [mode.from_tensor(tensor.detach(), static_shapes=True) for tensor in tensors.values()]
-    explain = _explanation(graph_module, list(tensors))
+    explain = _explanation(graph_module, list(tensors), times_input)
     return make_fx(explain, decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic")(state, image, target)
 
 
@@ -318,7 +328,9 @@ def explicit_module(explainer, example_input: torch.Tensor | None = None) -> fx.
 
     Returns an ``fx.GraphModule`` with ``forward(image, target) -> (logits, saliency)``:
     ``image`` (N, C, *S) of the explainer's dtype, ``target`` (N,) int64 with ``target < 0``
-    meaning each image's top-1 class; ``logits`` (N, K), ``saliency`` (N, 1, *S). The batch N is
+    meaning each image's top-1 class; ``logits`` (N, K), ``saliency`` (N, 1, *S), the channel
+    sum of the explainer's attribution (signal x image, or the signal for ``gradient``,
+    ``guided_backprop``, ``deconvnet``: ``explainer.times_input``). The batch N is
     symbolic; C and S are those of ``example_input`` (only its shape is used), else of the
     explainer's export trace, else C from the first convolution and a 224 spatial size. The graph
     holds ATen ops only (no autograd at run time, so it runs under ``torch.inference_mode()``),
@@ -339,11 +351,12 @@ def explicit_module(explainer, example_input: torch.Tensor | None = None) -> fx.
     device = reference.device if reference is not None else torch.device("cpu")
     tensors = _model_tensors(graph_module)
     with torch.inference_mode(False):
-        traced = _trace(graph_module, tensors, shape, dtype, device)
+        traced = _trace(graph_module, tensors, shape, dtype, device, explainer.times_input)
     module = _finish(traced, tensors, shape)
     module.meta["tsgb_fx"] = {
         "method": explainer.method,
         "options": dict(explainer.options),
+        "times_input": bool(explainer.times_input),
         "input_shape": tuple(int(size) for size in shape[1:]),
         "tracer": explainer.tracer,
     }
