@@ -204,8 +204,8 @@ def _get_attr(module: nn.Module, path: str):
     return value
 
 
-def _explanation(graph_module: fx.GraphModule, names: list[str], times_input: bool):
-    """The function make_fx traces: (tensors, image, target) -> (logits, saliency).
+def _explanation(graph_module: fx.GraphModule, names: list[str], times_input: bool, with_attribution: bool):
+    """The function make_fx traces: (tensors, image, target) -> (logits, saliency[, attribution]).
 
     ``times_input`` is the explainer's: the attribution is ``signal * image`` or the signal
     itself, exactly as :meth:`tsgb_fx.Explainer.forward` forms it, so the two maps agree.
@@ -221,13 +221,15 @@ def _explanation(graph_module: fx.GraphModule, names: list[str], times_input: bo
             (signal,) = torch.autograd.grad(logits, image, grad_outputs=one_hot)
         attribution = signal * image if times_input else signal
         saliency = attribution.sum(dim=1, keepdim=True)
+        if with_attribution:
+            return logits.detach(), saliency.detach(), attribution.detach()
         return logits.detach(), saliency.detach()
 
     return explain
 
 
 def _trace(graph_module: fx.GraphModule, tensors: dict[str, torch.Tensor], shape, dtype, device,
-           times_input: bool = True) -> fx.GraphModule:
+           times_input: bool = True, with_attribution: bool = False) -> fx.GraphModule:
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -247,7 +249,7 @@ def _trace(graph_module: fx.GraphModule, tensors: dict[str, torch.Tensor], shape
         symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]),
     )
     state = [mode.from_tensor(tensor.detach(), static_shapes=True) for tensor in tensors.values()]
-    explain = _explanation(graph_module, list(tensors), times_input)
+    explain = _explanation(graph_module, list(tensors), times_input, with_attribution)
     return make_fx(explain, decomposition_table=DECOMPOSITIONS, tracing_mode="symbolic")(state, image, target)
 
 
@@ -323,7 +325,8 @@ def _check_plain(module: fx.GraphModule) -> None:
         )
 
 
-def explicit_module(explainer, example_input: torch.Tensor | None = None) -> fx.GraphModule:
+def explicit_module(explainer, example_input: torch.Tensor | None = None,
+                    with_attribution: bool = False) -> fx.GraphModule:
     """Trace ``explainer``'s forward plus rule backward into one plain fx graph.
 
     Returns an ``fx.GraphModule`` with ``forward(image, target) -> (logits, saliency)``:
@@ -335,6 +338,8 @@ def explicit_module(explainer, example_input: torch.Tensor | None = None) -> fx.
     explainer's export trace, else C from the first convolution and a 224 spatial size. The graph
     holds ATen ops only (no autograd at run time, so it runs under ``torch.inference_mode()``),
     exports with ``torch.export`` (batch dynamic) and compiles with ``torch.compile``.
+    ``with_attribution`` adds a third output, the attribution (N, C, *S) itself (what
+    ``compile=True`` explainers return; the exported formats keep the two outputs).
 
     Example::
 
@@ -351,7 +356,7 @@ def explicit_module(explainer, example_input: torch.Tensor | None = None) -> fx.
     device = reference.device if reference is not None else torch.device("cpu")
     tensors = _model_tensors(graph_module)
     with torch.inference_mode(False):
-        traced = _trace(graph_module, tensors, shape, dtype, device, explainer.times_input)
+        traced = _trace(graph_module, tensors, shape, dtype, device, explainer.times_input, with_attribution)
     module = _finish(traced, tensors, shape)
     module.meta["tsgb_fx"] = {
         "method": explainer.method,

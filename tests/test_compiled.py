@@ -1,0 +1,53 @@
+"""compile=True: the compiled explicit graph gives the reference TSGB's maps, and is reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tsgb_fx
+
+from .helpers import randomise_batch_norm, relative_error
+from .reference_tsgb import reference_saliency, swap_in_reference_rules
+
+
+def _small_cnn() -> nn.Module:
+    """Conv-BN-ReLU, a strided conv, a fixed-window average pool and a linear classifier."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+    )
+    return randomise_batch_norm(model).double().eval()
+
+
+def test_compiled_explainer_matches_the_reference_and_is_reused():
+    model = _small_cnn()
+    reference = swap_in_reference_rules(model, "7")
+    e = tsgb_fx.explainer(model, compile=True)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    top1 = e(x)
+    assert torch.equal(top1.target, model(x).argmax(1))
+    assert relative_error(top1.saliency, reference_saliency(reference, x, top1.target)) < 1e-9
+    torch.testing.assert_close(top1.logits, model(x).detach())
+
+    # one image, two targets: repeated to a batch of 2, so the same compiled graph serves it
+    several = e(x[:1], target=torch.tensor([[1, 3]]))
+    assert several.saliency.shape == (1, 2, 16, 16) and several.attribution.shape == (1, 2, 3, 16, 16)
+    for column, target in enumerate((1, 3)):
+        expected = reference_saliency(reference, x[:1], torch.tensor([target]))
+        assert relative_error(several.saliency[:, column : column + 1], expected) < 1e-9
+    assert len(e.compiled_graphs) == 1
+
+    with pytest.raises(ValueError, match="target 5 is out of range"):
+        e(x, target=5)
+    e.float()  # the graphs captured float64 tensors: converting drops them
+    assert len(e.compiled_graphs) == 0
+
+
+def test_compile_flag_is_checked():
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        tsgb_fx.explainer(_small_cnn(), compile="yes")
