@@ -134,21 +134,20 @@ def _check_signature(rule: Rule, site: OpSite, kind: str) -> None:
         pass
 
 
-def _facts_for(rule: Rule, site: OpSite, rectifiers: set[fx.Node], replaced: Mapping[fx.Node, fx.Node]) -> dict:
-    """Graph facts a rule function may ask for by naming them as a parameter.
-
-    ``input_rectified``: the op's input is the output of a rectifier with ``min_val == 0`` (ReLU,
-    ReLU6) that keeps its plain gradient, so the input is non-negative and the rectifier's
-    backward zeroes the signal wherever the input is 0 (TSGB-Conv uses it to skip work).
-    """
+def _takes(rule: Rule, parameter: str) -> bool:
+    """Whether the rule's function accepts a graph fact by that name (builtins: no)."""
     try:
-        parameters = inspect.signature(rule.function).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return {}
-    if "input_rectified" not in parameters:
-        return {}
-    x = site.arguments.get("x")
-    return {"input_rectified": x in rectifiers and x not in replaced}
+        return parameter in inspect.signature(rule.function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _foldable_rectifier(node: fx.Node, plain_rectifiers: Mapping[fx.Node, OpSite]) -> OpSite | None:
+    """The plain-gradient ReLU/ReLU6 that is the only user of ``node``, if there is one."""
+    users = list(node.users)
+    if len(users) == 1 and users[0] in plain_rectifiers and plain_rectifiers[users[0]].arguments["x"] is node:
+        return plain_rectifiers[users[0]]
+    return None
 
 
 def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> dict[str, RuleSite]:
@@ -157,30 +156,60 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
     ``method`` maps op kinds and module names to rules (None: plain gradient); a module-name key
     wins over the node's kind. Raises ValueError for a key that is neither, and for a rule whose
     function does not take the arguments of the op it would replace.
+
+    Two graph facts are passed to rule functions that name them as parameters, both about
+    rectifiers (ReLU, ReLU6: ``min_val == 0``) that keep their plain gradient:
+
+    * ``output_clamp``: such a rectifier is the only user of the rule op; it is folded into the
+      op, which applies it in place and keeps the rectified output (:mod:`tsgb_fx.rules.rectify`);
+    * ``input_rectified``: the op's input is such a rectifier's output (folded or not), so it is
+      non-negative and gets no signal where it is 0 (TSGB-Conv skips ``|x|`` and ``sign(x)``).
+
+    Both leave every map as it is; they save passes over activations and memory.
     """
     graph = graph_module.graph
     sites = find_op_sites(graph_module)
     _check_keys(method, sites)
     classifiers = find_classifiers(graph_module, sites)
-    rectifiers = {site.node for site in sites if site.kind == "relu" and site.arguments["min_val"] == 0.0}
-    decided: dict[str, RuleSite] = {}
-    replaced: dict[fx.Node, fx.Node] = {}
+    chosen: dict[fx.Node, tuple[str, Rule | None]] = {}
     for site in sites:
         kind = "classifier" if site.node in classifiers else site.kind
         key = site.module if site.module and site.module in method and site.module not in RULE_KINDS else kind
-        rule = method.get(key)
-        decided[site.node.name] = RuleSite(kind, rule.name if rule else "gradient", site.module)
+        chosen[site.node] = (kind, method.get(key))
+    decided = {
+        site.node.name: RuleSite(kind, rule.name if rule else "gradient", site.module)
+        for site in sites
+        for kind, rule in [chosen[site.node]]
+    }
+    plain_rectifiers = {
+        site.node: site
+        for site in sites
+        if site.kind == "relu" and chosen[site.node][1] is None and site.arguments["min_val"] == 0.0
+    }
+    rectified_outputs = set(plain_rectifiers)
+    replaced: dict[fx.Node, fx.Node] = {}
+    for site in sites:
+        kind, rule = chosen[site.node]
         if rule is None:
             continue
         _check_signature(rule, site, kind)
+        folded = _foldable_rectifier(site.node, plain_rectifiers) if _takes(rule, "output_clamp") else None
         with graph.inserting_before(site.node):
             arguments = {name: _materialise(graph, value, replaced) for name, value in site.arguments.items()}
-            arguments.update(_facts_for(rule, site, rectifiers, replaced))
+            if _takes(rule, "input_rectified"):
+                arguments["input_rectified"] = arguments.get("x") in rectified_outputs
+            if folded is not None:
+                arguments["output_clamp"] = (0.0, folded.arguments["max_val"])
             replacement = graph.call_function(rule.function, kwargs={**arguments, **rule.options})
         replacement.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(replacement)
         replaced[site.node] = replacement
         graph.erase_node(site.node)
+        if folded is not None:
+            folded.node.replace_all_uses_with(replacement)
+            replaced[folded.node] = replacement
+            graph.erase_node(folded.node)
+            rectified_outputs.add(replacement)
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()

@@ -12,25 +12,34 @@ import torch
 import torch.nn.functional as F
 
 from .ratio import divide_by_input
+from .rectify import rectify_, relevance_carrier
 
 
 class RatioBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, running_mean, running_var, weight, bias, eps):
+    def forward(x, running_mean, running_var, weight, bias, eps, output_clamp):
         training = running_mean is None or running_var is None
-        return F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.0, eps)
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.0, eps)
+        return rectify_(y, output_clamp)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], output)
+        ctx.output_clamp = inputs[-1]
 
     @staticmethod
     def backward(ctx, g):
         x, y = ctx.saved_tensors
-        g_x = divide_by_input(x, y, g) if ctx.needs_input_grad[0] else None
-        return g_x, None, None, None, None, None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = divide_by_input(x, relevance_carrier(y, ctx.output_clamp), g)
+        return g_x, None, None, None, None, None, None
 
 
-def ratio_batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5):
-    """Inference batch norm with the ratio-rule backward ``g_x = g * y / x``."""
-    return RatioBatchNormFunction.apply(x, running_mean, running_var, weight, bias, eps)
+def ratio_batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, output_clamp=None):
+    """Inference batch norm with the ratio-rule backward ``g_x = g * y / x``.
+
+    ``output_clamp``: the rewrite folded the plain ReLU/ReLU6 that follows into this op
+    (:mod:`tsgb_fx.rules.rectify`).
+    """
+    return RatioBatchNormFunction.apply(x, running_mean, running_var, weight, bias, eps, output_clamp)

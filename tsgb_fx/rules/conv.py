@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .box import WindowGeometry, box, box_transpose, per_axis
+from .rectify import rectify_, relevance_carrier
 
 EPS = 1e-10
 CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: products larger than this are summed in batch chunks
@@ -87,13 +88,15 @@ class TSGBConvFunction(torch.autograd.Function):
     """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified):
-        return CONV_BY_NDIM[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified, output_clamp):
+        y = CONV_BY_NDIM[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        return rectify_(y, output_clamp)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding, dilation, groups, conv_groups, input_rectified = inputs
+        x, weight, _bias, stride, padding, dilation, groups, conv_groups, input_rectified, output_clamp = inputs
         ctx.save_for_backward(x, output)
+        ctx.output_clamp = output_clamp
         ctx.geometry = WindowGeometry(tuple(weight.shape[2:]), stride, padding, dilation)
         ctx.groups = groups
         ctx.conv_groups = conv_groups
@@ -104,8 +107,9 @@ class TSGBConvFunction(torch.autograd.Function):
         x, y = ctx.saved_tensors
         g_x = None
         if ctx.needs_input_grad[0]:
+            y = relevance_carrier(y, ctx.output_clamp)  # g * y is the relevance, rectifier folded in or not
             g_x = tsgb_conv_backward(x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified)
-        return g_x, None, None, None, None, None, None, None, None
+        return g_x, None, None, None, None, None, None, None, None, None
 
 
 def _explicit_padding(x, weight, padding, dilation, padding_mode):
@@ -142,14 +146,17 @@ def normalise_geometry(x, weight, stride, padding, dilation, padding_mode):
 
 
 def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-              conv_groups="reference", input_rectified=False):
+              conv_groups="reference", input_rectified=False, output_clamp=None):
     """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
 
     Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
     ``'valid'``, and a module's ``padding_mode``. ``input_rectified`` is set by the rewrite when
     ``x`` comes straight from a plain-gradient rectifier (see :func:`tsgb_conv_backward`); an
-    explicit pad in between makes it moot, so it is then dropped.
+    explicit pad in between makes it moot, so it is then dropped. ``output_clamp``: the rewrite
+    folded the plain ReLU/ReLU6 that follows into this op (:mod:`tsgb_fx.rules.rectify`).
     """
     padded, stride, padding, dilation = normalise_geometry(x, weight, stride, padding, dilation, padding_mode)
     rectified = input_rectified and padded is x
-    return TSGBConvFunction.apply(padded, weight, bias, stride, padding, dilation, groups, conv_groups, rectified)
+    return TSGBConvFunction.apply(
+        padded, weight, bias, stride, padding, dilation, groups, conv_groups, rectified, output_clamp
+    )

@@ -1,0 +1,39 @@
+"""A plain-gradient rectifier folded into the rule op before it (ReLU, ReLU6 after a conv or BN).
+
+When a rule op's output ``y`` feeds only a rectifier ``out = clamp(y, 0, max)`` that keeps its
+plain gradient, the rectifier's backward is ``g_y = g_out * 1[0 < y < max]``, and the rules of
+TSGB.md only ever use ``g_y`` through the relevance ``g_y * y``:
+
+    g_y * y = g_out * carrier(out),   carrier(out) = out * 1[out < max]   (= out for ReLU)
+
+since ``y * 1[0 < y < max]`` equals ``out`` where ``y < max`` and 0 elsewhere. So the rule op can
+apply the rectifier itself, in place on its fresh output, and keep ``out`` instead of ``y``: the
+same signal reaches the op's input, the rectifier's separate output tensor and its backward pass
+are gone, and ``out`` is the tensor the next op saves anyway (nothing extra stays in memory).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Clamp = tuple  # (min_val, max_val): (0.0, None) for ReLU, (0.0, 6.0) for ReLU6
+
+
+def rectify_(y: torch.Tensor, clamp: Clamp | None) -> torch.Tensor:
+    """``clamp(y, *clamp)`` in place on the op's own fresh output; ``y`` when ``clamp`` is None."""
+    if clamp is None:
+        return y
+    low, high = clamp
+    return y.clamp_(min=low, max=high)
+
+
+def relevance_carrier(out: torch.Tensor, clamp: Clamp | None) -> torch.Tensor:
+    """What the rule multiplies ``g_out`` by where it used ``y``: ``out * 1[out < max]``.
+
+    For ReLU (no upper bound) that is ``out`` itself. With an upper bound, the saturated units
+    pass no gradient in the rectifier's backward, so they carry no relevance:
+    ``sign(max - out)`` is 1 below the bound and 0 on it.
+    """
+    if clamp is None or clamp[1] is None:
+        return out
+    return torch.rsub(out, clamp[1]).sign_().mul_(out)
