@@ -56,9 +56,11 @@ def tsgb_conv_backward(
     saving three passes over ``x`` (``abs``, ``sign``, the product) with the same map.
     """
     rule_groups = groups if conv_groups == "layer" else 1
-    relevance = channel_sums_of_product(g, y, rule_groups)  # c: (N, G, *S_out)
-    magnitude = x if input_rectified else x.abs()
-    mass = magnitude.unflatten(1, (rule_groups, -1)).sum(2)  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower
+    relevance = channel_sums(torch.mul, (g, y), rule_groups)  # c: (N, G, *S_out)
+    if input_rectified:  # sum |x|: (N, G, *S_in); vector_norm(ord=1) is ~5x slower than abs + sum
+        mass = x.unflatten(1, (rule_groups, -1)).sum(2)
+    else:
+        mass = channel_sums(torch.abs, (x,), rule_groups)
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
     spread = box_transpose(ratio, geometry, x.shape[2:])  # BoxT(r): (N, G, *S_in)
     if input_rectified and rule_groups == 1:
@@ -68,20 +70,21 @@ def tsgb_conv_backward(
     return x.sign().unflatten(1, (rule_groups, -1)).mul_(spread.unsqueeze(2)).flatten(1, 2)
 
 
-def channel_sums_of_product(g: torch.Tensor, y: torch.Tensor, groups: int) -> torch.Tensor:
-    """``sum over the channels of each group of g * y``: (N, C, *S) -> (N, groups, *S).
+def channel_sums(term, tensors: tuple[torch.Tensor, ...], groups: int) -> torch.Tensor:
+    """``sum over the channels of each group of term(*tensors)``: (N, C, *S) -> (N, groups, *S).
 
-    In eager mode a product bigger than :data:`CHUNK_ELEMENTS` is formed a few images at a time:
-    the full-size temporary only feeds a channel sum, and allocating one of tens of megabytes
-    costs several times the arithmetic on CPU (fresh pages on every call); chunks stay in the
+    ``term`` is elementwise (``torch.mul`` for ``g * y``, ``torch.abs`` for ``|x|``). In eager
+    mode a term bigger than :data:`CHUNK_ELEMENTS` is formed a few images at a time: the
+    full-size temporary only feeds a channel sum, and allocating one of tens of megabytes costs
+    several times the arithmetic on CPU (fresh pages on every call); chunks stay in the
     allocator's cache. Traced (symbolic batch), it is the one plain expression.
     """
-    batch = g.shape[0]
-    per_chunk = CHUNK_ELEMENTS // max(1, g[0].numel())
+    batch = tensors[0].shape[0]
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, tensors[0][0].numel()))
     if isinstance(batch, torch.SymInt) or per_chunk >= batch:
-        return (g * y).unflatten(1, (groups, -1)).sum(2)
-    rows = [slice(start, start + max(1, per_chunk)) for start in range(0, batch, max(1, per_chunk))]
-    return torch.cat([(g[r] * y[r]).unflatten(1, (groups, -1)).sum(2) for r in rows])
+        return term(*tensors).unflatten(1, (groups, -1)).sum(2)
+    chunks = (term(*(t[start : start + per_chunk] for t in tensors)) for start in range(0, batch, per_chunk))
+    return torch.cat([chunk.unflatten(1, (groups, -1)).sum(2) for chunk in chunks])
 
 
 class TSGBConvFunction(torch.autograd.Function):
