@@ -314,11 +314,11 @@ def render_one_off(payload: dict) -> str:
 
 def main(argv=None) -> dict:
     p = common.parser("tsgb-fx speed: ratios to the plain forward, side by side in one run")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the explicit graph")
+    p.add_argument("--compile", action="store_true", help="also time tsgb_fx.explainer(model, compile=True) (a cold compile per batch size)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime columns (and the exports)")
     p.add_argument("--onnx-models", nargs="+", default=None,
                    help="ORT columns only for these of --models (the exports take a minute or more each)")
-    p.add_argument("--no-explicit", action="store_true", help="skip the explicit graph (and --compile)")
+    p.add_argument("--no-explicit", action="store_true", help="skip the explicit graph")
     p.add_argument("--peers", action="store_true",
                    help="also time the peers (benchmarks.peers) in the same rounds: one run, both tables")
     p.add_argument("--peers-json-out", type=Path, default=None, help="with --peers: the peers table's numbers")
