@@ -155,6 +155,14 @@ def test_target_spellings_agree(resnet_explainer, spelling):
     torch.testing.assert_close(result.saliency, resnet_explainer(x, target=[7, 7]).saliency)
 
 
+def test_nested_list_targets_equal_a_tensor(resnet_explainer):
+    x = torch.randn(2, 3, 32, 32)
+    nested = resnet_explainer(x, target=[[1, 5], (0, 19)])
+    single = resnet_explainer(x, target=torch.tensor([5, 19]))
+    assert nested.target.tolist() == [[1, 5], [0, 19]]
+    torch.testing.assert_close(nested.saliency[:, 1:2], single.saliency)
+
+
 def test_multi_target_batch_equals_single_target_runs(resnet_explainer):
     x = torch.randn(2, 3, 32, 32)
     targets = torch.tensor([[1, 5, 9], [0, 0, 19]])
@@ -187,6 +195,8 @@ def test_maps_differ_between_targets(resnet_explainer):
         (True, TypeError, "boolean"),
         ("cat", TypeError, "target"),
         (torch.zeros(2, 1, 1, dtype=torch.long), ValueError, "shape"),
+        ([[1, 2], [3]], ValueError, "same number"),
+        ([[1, 2.5], [3, 4]], TypeError, "integer"),
     ],
 )
 def test_bad_target_is_refused_by_name(resnet_explainer, target, error, words):

@@ -47,7 +47,8 @@ class Explainer(nn.Module):
 
     ``e(x)`` explains each image's top-1 class; ``e(x, target=k)`` one class for all images;
     ``e(x, target=t)`` with ``t`` of length N one class per image; ``e(x, target=tt)`` with ``tt``
-    of shape (N, T) T classes per image in one batched pass (the batch is repeated T times).
+    of shape (N, T) (a tensor or N lists of T ints) T classes per image in one batched pass (the
+    batch is repeated T times).
 
     Eval-mode semantics, whatever mode the model is in: batch norm uses its running statistics and
     dropout is off. The model is never modified: the explainer holds a shadow of its module tree
@@ -243,9 +244,14 @@ def _normalise_target(target, batch: int, device) -> torch.Tensor | None:
         if tensor.dim() == 0:
             tensor = tensor.expand(batch)
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
-        values = list(target)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise TypeError(f"target must hold integer class indices, got {values!r}")
+        rows = list(target)  # ints (one class per image) or equal-length sequences of ints (N, T)
+        nested = bool(rows) and all(isinstance(row, Iterable) and not isinstance(row, (str, bytes)) for row in rows)
+        values = [list(row) for row in rows] if nested else rows
+        flat = [v for row in values for v in row] if nested else values
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+            raise TypeError(f"target must hold integer class indices, got {rows!r}")
+        if nested and len({len(row) for row in values}) != 1:
+            raise ValueError(f"target rows must all have the same number of classes, got {rows!r}")
         tensor = torch.tensor(values, dtype=torch.long)
     else:
         raise TypeError(f"target must be an int, a sequence of ints or an integer tensor, got {type(target).__name__}")
