@@ -17,6 +17,7 @@ filter per map), which serves the per-group variant of TSGB-Conv.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,15 @@ class WindowGeometry:
     def ndim(self) -> int:
         return len(self.kernel_size)
 
-    @property
+    @cached_property  # read on every backward call: computed once per layer
     def is_pointwise(self) -> bool:
         """A 1x1 kernel without padding: every output position sees exactly one input position."""
         return all(k == 1 for k in self.kernel_size) and not any(self.padding)
+
+    @cached_property
+    def transpose_padding(self) -> tuple[int, ...]:
+        """``d * (k - 1) - p``: the padding under which a stride-1 box is its own transpose."""
+        return tuple(d * (k - 1) - p for k, p, d in zip(self.kernel_size, self.padding, self.dilation))
 
     def strided(self) -> tuple[slice, ...]:
         """Index of the input positions a pointwise convolution reads."""
@@ -95,7 +101,7 @@ def box_transpose(r: torch.Tensor, geometry: WindowGeometry, input_size) -> torc
         spread[geometry.strided()] = r
         return spread
     channels = r.shape[1]
-    complement = tuple(d * (k - 1) - p for k, p, d in zip(geometry.kernel_size, geometry.padding, geometry.dilation))
+    complement = geometry.transpose_padding
     if all(s == 1 for s in geometry.stride) and min(complement) >= 0:
         # stride 1: the transpose is the correlation with the flipped kernel (all ones: the same
         # kernel) and the complementary padding; CPU conv_transpose is up to 15x slower here
