@@ -1,7 +1,8 @@
 """ONNX export and the torch-free runtime (issue 3, items 2 and 3; issue 6; issue 7, item 7).
 
 Parity is ONNX Runtime against the autograd explainer: relative L2 of the saliency below 1e-4
-and identical top-1 classes, for batches of 1 and 3 from one exported file.
+(or, where float32 itself cannot give the map to 1e-4, within four times torch float32's distance
+from float64) and identical top-1 classes, for batches of 1 and 3 from one exported file.
 
 The round trip (issue 7) is ONNX Runtime against the explicit graph the file was exported from,
 same input, measured by :func:`~tests.helpers.map_error` (the worst image's max pixel error over
@@ -81,6 +82,22 @@ def tiny(tmp_path_factory):
 # Parity: ONNX Runtime against the autograd explainer
 
 
+def _assert_parity(name, actual: np.ndarray, explainer, images: torch.Tensor, target=None):
+    """ORT's saliency within TOLERANCE of the float32 autograd explainer's or, where float32
+    cannot give the map that closely at all, within four times torch float32's own distance
+    from the float64 explainer of the same seeded model. Needed on random-weight mobilenet_v2
+    with one thread: on one image torch float32 is 1.2e-4 from float64 and ORT 7.9e-5 (a ReLU6
+    unit at its saturation edge, where a TSGB map jumps: the relevance there is out * 1[out < 6])."""
+    error = _relative(actual, explainer(images, target=target).saliency)
+    if error < TOLERANCE:
+        return
+    explainer64 = explainer_for(name, build(name)[0].double(), images.double())
+    float32 = explainer(images, target=target).saliency.double().numpy()
+    floor = _relative(float32, explainer64(images.double(), target=target).saliency)
+    print(f"{name}: ORT vs torch float32 {error:.1e}, torch float32 vs float64 {floor:.1e}")
+    assert error <= 4 * floor
+
+
 @pytest.mark.parametrize("name", model_params(default=("tiny",)))
 def test_parity_with_autograd_explainer(name, tmp_path, request):
     explainer, images, path = request.getfixturevalue("tiny") if name == "tiny" else _export(name, tmp_path)
@@ -91,24 +108,19 @@ def test_parity_with_autograd_explainer(name, tmp_path, request):
     result = runtime(x)
     assert result.saliency.shape == (3, 1, *images.shape[2:]) and result.saliency.dtype == np.float32
     np.testing.assert_array_equal(result.target, top1.numpy())
-    print(f"{name} batch 3 top-1: saliency rel L2 {_relative(result.saliency, explainer(images).saliency):.2e}")
-    assert _relative(result.saliency, explainer(images).saliency) < TOLERANCE
+    _assert_parity(name, result.saliency, explainer, images)
     # batch 3, given targets mixed with -1
     target = np.array([7, -1, 3])
     result = runtime(x, target)
     chosen = torch.tensor([7, int(top1[1]), 3])
     np.testing.assert_array_equal(result.target, chosen.numpy())
-    reference = explainer(images, target=chosen)
-    print(f"{name} batch 3 given: saliency rel L2 {_relative(result.saliency, reference.saliency):.2e}")
-    assert _relative(result.saliency, reference.saliency) < TOLERANCE
-    assert _relative(result.logits, reference.logits) < TOLERANCE
+    _assert_parity(name, result.saliency, explainer, images, chosen)
+    assert _relative(result.logits, explainer(images, target=chosen).logits) < TOLERANCE
     # batch 1 from the same file
     result = runtime(x[1:2])
     np.testing.assert_array_equal(result.target, top1[1:2].numpy())
-    print(f"{name} batch 1: saliency rel L2 {_relative(result.saliency, explainer(images[1:2]).saliency):.2e}")
-    assert _relative(result.saliency, explainer(images[1:2]).saliency) < TOLERANCE
-    result = runtime(x[2:3], target=5)
-    assert _relative(result.saliency, explainer(images[2:3], target=5).saliency) < TOLERANCE
+    _assert_parity(name, result.saliency, explainer, images[1:2])
+    _assert_parity(name, runtime(x[2:3], target=5).saliency, explainer, images[2:3], 5)
 
 
 # ---------------------------------------------------------------------------------------------
