@@ -172,15 +172,13 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
     _check_keys(method, sites)
     classifiers = find_classifiers(graph_module, sites)
     chosen: dict[fx.Node, tuple[str, Rule | None]] = {}
+    decided: dict[str, RuleSite] = {}
     for site in sites:
         kind = "classifier" if site.node in classifiers else site.kind
         key = site.module if site.module and site.module in method and site.module not in RULE_KINDS else kind
-        chosen[site.node] = (kind, method.get(key))
-    decided = {
-        site.node.name: RuleSite(kind, rule.name if rule else "gradient", site.module)
-        for site in sites
-        for kind, rule in [chosen[site.node]]
-    }
+        rule = method.get(key)
+        chosen[site.node] = (kind, rule)
+        decided[site.node.name] = RuleSite(kind, rule.name if rule else "gradient", site.module)
     plain_rectifiers = {
         site.node: site
         for site in sites
