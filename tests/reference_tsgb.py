@@ -8,6 +8,11 @@ their transposes use ``torch.nn.grad.conv2d_input`` (not the library's conv_tran
 average-pool transpose is autograd of ``F.avg_pool2d``. Saved outputs are cloned because the
 models modify them in place (``out += identity``, ``F.relu(..., inplace=True)``).
 
+A convolution followed by a batch norm inside an ``nn.Sequential`` (torchvision's
+``Conv2dNormActivation``) is swapped as one rule, TSGB-Conv with the relevance taken after the
+batch norm; elsewhere the batch norm's ratio rule is the authors' exact ``g * y / x``. The two
+agree wherever the convolution's output is not 0.
+
 Functional calls (``F.conv2d``) are invisible to module swapping; a model that uses them passes
 its own reference function (see ``FunctionalNet`` in the parity test).
 """
@@ -27,6 +32,23 @@ def _stabilised(x):
     return torch.where(x >= 0, x + EPS, x - EPS)
 
 
+def _conv_signal(conv: nn.Conv2d, x, relevance, conv_groups: str):
+    """Steps 2-4 of TSGB-Conv for the relevance ``c`` per output position (N, G, H_out, W_out)."""
+    groups = conv.groups if conv_groups == "layer" else 1
+    ones = torch.ones(groups, 1, *conv.kernel_size, dtype=x.dtype)
+    s = x.abs().reshape(x.shape[0], groups, -1, *x.shape[2:]).sum(2)
+    z = F.conv2d(s, ones, None, conv.stride, conv.padding, conv.dilation, groups)
+    r = relevance / (z + EPS)
+    spread = torch.nn.grad.conv2d_input(s.shape, ones, r, conv.stride, conv.padding, conv.dilation, groups)
+    sign = x.sign().reshape(x.shape[0], groups, -1, *x.shape[2:])
+    return (sign * spread[:, :, None]).reshape(x.shape)
+
+
+def _relevance(g, y, groups: int):
+    """Step 1 of TSGB-Conv: ``c = sum over the output channels (of each group) of g * y``."""
+    return (g * y).reshape(y.shape[0], groups, -1, *y.shape[2:]).sum(2)
+
+
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, conv: nn.Conv2d, conv_groups: str):
@@ -37,16 +59,29 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        conv, x, y = ctx.conv, ctx.x, ctx.y
-        groups = conv.groups if ctx.conv_groups == "layer" else 1
-        ones = torch.ones(groups, 1, *conv.kernel_size, dtype=x.dtype)
-        c = (g * y).reshape(y.shape[0], groups, -1, *y.shape[2:]).sum(2)
-        s = x.abs().reshape(x.shape[0], groups, -1, *x.shape[2:]).sum(2)
-        z = F.conv2d(s, ones, None, conv.stride, conv.padding, conv.dilation, groups)
-        r = c / (z + EPS)
-        spread = torch.nn.grad.conv2d_input(s.shape, ones, r, conv.stride, conv.padding, conv.dilation, groups)
-        sign = x.sign().reshape(x.shape[0], groups, -1, *x.shape[2:])
-        return (sign * spread[:, :, None]).reshape(x.shape), None, None
+        groups = ctx.conv.groups if ctx.conv_groups == "layer" else 1
+        return _conv_signal(ctx.conv, ctx.x, _relevance(g, ctx.y, groups), ctx.conv_groups), None, None
+
+
+class _ConvBatchNorm(torch.autograd.Function):
+    """A convolution and the batch norm after it: TSGB-Conv with the relevance taken after the BN.
+
+    The ratio rule passes the relevance ``g * y`` through unchanged (TSGB.md), so the relevance
+    at the convolution's output is ``g * y`` at the batch norm's output, also where the
+    convolution's output is exactly 0 (there the two separate rules would divide 0 by 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, conv: nn.Conv2d, bn: nn.BatchNorm2d, conv_groups: str):
+        y = _batch_norm(conv._conv_forward(x, conv.weight, conv.bias), bn)
+        ctx.conv, ctx.conv_groups = conv, conv_groups
+        ctx.x, ctx.y = x.detach().clone(), y.detach().clone()
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        groups = ctx.conv.groups if ctx.conv_groups == "layer" else 1
+        return _conv_signal(ctx.conv, ctx.x, _relevance(g, ctx.y, groups), ctx.conv_groups), None, None, None
 
 
 class _FC(torch.autograd.Function):
@@ -63,16 +98,22 @@ class _FC(torch.autograd.Function):
         return g @ w_pos + (g * beta) @ w_neg, None
 
 
+def _batch_norm(x, bn: nn.BatchNorm2d):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
 class _BatchNorm(torch.autograd.Function):
+    """The ratio rule as the authors wrote it, ``g * y / x``: exact, undefined where ``x == 0``."""
+
     @staticmethod
     def forward(ctx, x, bn: nn.BatchNorm2d):
-        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        y = _batch_norm(x, bn)
         ctx.x, ctx.y = x.detach().clone(), y.detach().clone()
         return y
 
     @staticmethod
     def backward(ctx, g):
-        return g * ctx.y / _stabilised(ctx.x), None
+        return g * ctx.y / ctx.x, None
 
 
 class _AvgPool(torch.autograd.Function):
@@ -125,7 +166,11 @@ def swap_in_reference_rules(model: nn.Module, classifier: str, conv_groups: str 
     for module in reference.modules():
         if isinstance(getattr(module, "inplace", None), bool):
             module.inplace = False
-    for name, module in list(reference.named_modules()):
+    modules = list(reference.named_modules())  # before any swap: the swapped-in wrappers are not listed
+    paired = _pair_convs_with_batch_norms(reference, conv_groups)
+    for name, module in modules:
+        if name in paired:
+            continue
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             # pad with the layer's mode (plain gradient), then TSGB-Conv over the padded input
             unpadded = copy.copy(module)
@@ -144,6 +189,25 @@ def swap_in_reference_rules(model: nn.Module, classifier: str, conv_groups: str 
         parent_name, _, child = name.rpartition(".")
         setattr(reference.get_submodule(parent_name) if parent_name else reference, child, swapped)
     return reference
+
+
+def _pair_convs_with_batch_norms(reference: nn.Module, conv_groups: str) -> set[str]:
+    """Swap each zero-padded Conv2d followed by a BatchNorm2d in an nn.Sequential for one rule.
+
+    Returns the names of the modules swapped (the BN becomes an Identity).
+    """
+    paired = set()
+    for name, module in list(reference.named_modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, _Swapped(_ConvBatchNorm, conv, bn, conv_groups))
+                setattr(module, bn_name, nn.Identity())
+                prefix = f"{name}." if name else ""
+                paired |= {prefix + conv_name, prefix + bn_name}
+    return paired
 
 
 def reference_saliency(reference_model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

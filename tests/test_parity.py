@@ -159,3 +159,24 @@ def test_rectified_input_shortcut_only_after_plain_rectifiers():
     assert plain == [False, False] + [True] * 18
     mixed = {**tsgb_fx.methods.tsgb().rules, "relu": tsgb_fx.methods.deconvnet().rules["relu"]}
     assert not any(_rectified_flags(tsgb_fx.explainer(model, method=mixed)))
+
+
+def _call_targets(explainer):
+    return [node.target for node in explainer.graph_module.graph.nodes if node.op == "call_function"]
+
+
+def test_batch_norms_fold_into_the_convolution_they_follow():
+    """Every resnet18 BN follows a conv that feeds only it: all 20 fold, the record keeps them."""
+    model = torchvision.models.resnet18().eval()
+    explainer = tsgb_fx.explainer(model)
+    folded = [node.kwargs.get("batch_norm") for node in explainer.graph_module.graph.nodes
+              if node.target is tsgb_fx.rules.tsgb_conv]
+    assert len(folded) == 20 and all(statistics is not None for statistics in folded)
+    assert tsgb_fx.rules.ratio_batch_norm not in _call_targets(explainer)
+    assert sum(site.rule == "ratio_batchnorm" for site in explainer.rules.values()) == 20
+    # a BN with another rule (here the plain gradient) stays a separate op
+    plain_bn = {**tsgb_fx.methods.tsgb().rules, "bn1": None}
+    kept = tsgb_fx.explainer(model, method=plain_bn)
+    convs = [node for node in kept.graph_module.graph.nodes if node.target is tsgb_fx.rules.tsgb_conv]
+    assert [node.kwargs.get("batch_norm") is not None for node in convs] == [False] + [True] * 19
+    assert "bn1" in {str(node.target) for node in kept.graph_module.graph.nodes if node.op == "call_module"}

@@ -27,15 +27,13 @@ PROPERTY_SETTINGS = settings(
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
 
 
-class ConvBlock(nn.Module):
-    def __init__(self, conv: nn.Conv2d, batch_norm: bool, activation: str):
-        super().__init__()
-        self.conv = conv
-        self.bn = nn.BatchNorm2d(conv.out_channels) if batch_norm else nn.Identity()
-        self.act = ACTIVATIONS[activation](inplace=True) if activation != "silu" else nn.SiLU()
+class ConvBlock(nn.Sequential):
+    """conv, batch norm (or Identity), activation: a Sequential, as torchvision's Conv2dNormActivation."""
 
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+    def __init__(self, conv: nn.Conv2d, batch_norm: bool, activation: str):
+        bn = nn.BatchNorm2d(conv.out_channels) if batch_norm else nn.Identity()
+        act = ACTIVATIONS[activation](inplace=True) if activation != "silu" else nn.SiLU()
+        super().__init__(conv, bn, act)
 
 
 class Residual(nn.Module):

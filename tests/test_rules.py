@@ -156,6 +156,73 @@ def test_tsgb_conv_shortcuts_match_the_formula(case, conv_groups, monkeypatch):
     assert (x == 0).any() and (g_pre != 0).any()
 
 
+def _random_batch_norm(channels, ndim=2):
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim](channels).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return bn
+
+
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+@pytest.mark.parametrize("case", ["plain", "stride2-odd", "depthwise", "pointwise", "conv3d"])
+def test_batch_norm_folded_into_tsgb_conv_is_the_two_rules(case, conv_groups):
+    """conv then a ratio-rule BN as one op: TSGB-Conv (window by window) of the signal the exact
+    ratio rule ``g * y / x`` sends to the conv's output, with a ReLU6 folded in after the BN."""
+    torch.manual_seed(4)
+    ndim, cin, cout, size, kwargs = CONV_CASES[case]
+    conv, x = _conv_case(ndim, cin, cout, size, **kwargs)
+    bn = _random_batch_norm(cout, ndim)
+    with torch.no_grad():
+        bn.weight.mul_(8)  # so that some units saturate at 6 and carry no relevance
+    y_conv = conv(x).detach()
+    y_bn = bn(y_conv).detach()
+    assert (y_bn > 6).any() and (y_bn < 0).any()
+    g = torch.randn_like(y_bn)
+    statistics = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    folded_out, g_x = rule_gradient(
+        tsgb_conv, x, g, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+        conv.padding_mode, conv_groups=conv_groups, batch_norm=statistics, output_clamp=(0.0, 6.0),
+    )
+    torch.testing.assert_close(folded_out, y_bn.clamp(0, 6))
+    g_conv = g * ((y_bn > 0) & (y_bn < 6)) * y_bn / y_conv  # ReLU6's gradient, then the exact ratio rule
+    torch.testing.assert_close(g_x, reference_tsgb_conv(x, g_conv, conv, conv_groups), rtol=1e-9, atol=1e-9)
+
+
+def test_folded_batch_norm_passes_relevance_where_the_conv_output_is_zero():
+    """Where a depthwise channel's window is all zeros the conv's output is exactly 0; the ratio
+    rule's relevance ``g * y`` still reaches the conv (TSGB.md: it passes unchanged), and with
+    reference groups every window has mass, so all of it is conserved to the input."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+    x = torch.rand(1, 3, 6, 6)
+    x[:, 1] = 0.0  # a dead channel: its depthwise output is exactly 0
+    bn = _random_batch_norm(3)
+    statistics = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    out, g_x = rule_gradient(tsgb_conv, x, torch.ones(1, 3, 6, 6), conv.weight, None, 1, 1, 1, 3, batch_norm=statistics)
+    assert (conv(x)[:, 1] == 0).all() and (out[:, 1] != 0).all()
+    torch.testing.assert_close((g_x * x).sum(), out.sum())
+
+
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+@pytest.mark.parametrize("case", ["plain", "groups", "depthwise", "pointwise-stride2-odd"])
+def test_tsgb_conv_with_a_broadcast_signal_matches_the_formula(case, conv_groups):
+    """A signal that is one map expanded over the channels (stride 0), as a rectified TSGB-Conv
+    sends it, takes the ``c = g * sum(y)`` shortcut: still the window-by-window formula."""
+    torch.manual_seed(7)
+    ndim, cin, cout, size, kwargs = CONV_CASES[case]
+    conv, x = _conv_case(ndim, cin, cout, size, **kwargs)
+    shape = conv(x).shape
+    g = torch.randn(shape[0], 1, *shape[2:]).expand(shape)
+    assert g.stride(1) == 0
+    _, g_x = rule_gradient(tsgb_conv, x, g, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                           conv.groups, conv.padding_mode, conv_groups=conv_groups)
+    expected = reference_tsgb_conv(x, g.contiguous(), conv, conv_groups)
+    torch.testing.assert_close(g_x, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_tsgb_conv_groups_modes_differ_only_for_grouped_convs():
     torch.manual_seed(1)
     for groups, should_differ in ((1, False), (3, True)):
@@ -229,12 +296,7 @@ def test_tsgb_fc_is_finite_when_negative_evidence_vanishes():
 @pytest.mark.parametrize("bn_class,shape", [(nn.BatchNorm1d, (4, 3, 5)), (nn.BatchNorm2d, (2, 3, 4, 5)), (nn.BatchNorm3d, (2, 3, 2, 3, 4))])
 def test_batch_norm_ratio_rule(bn_class, shape):
     torch.manual_seed(5)
-    bn = bn_class(3).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.normal_()
-        bn.bias.normal_()
+    bn = _random_batch_norm(3, len(shape) - 2)
     x = torch.randn(*shape)
     g = torch.randn(*shape)
     y, g_x = rule_gradient(ratio_batch_norm, x, g, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)

@@ -22,6 +22,9 @@ from torch import fx, nn
 
 from .methods import RULE_KINDS, Rule
 from .ops import Attr, OpSite, find_op_sites
+from .rules.batchnorm import ratio_batch_norm
+
+_BATCH_NORM_ARGUMENTS = ("running_mean", "running_var", "weight", "bias", "eps")
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,17 @@ def _takes(rule: Rule, parameter: str) -> bool:
         return False
 
 
-def _foldable_rectifier(node: fx.Node, plain_rectifiers: Mapping[fx.Node, OpSite]) -> OpSite | None:
-    """The plain-gradient ReLU/ReLU6 that is the only user of ``node``, if there is one."""
+def _only_user(node: fx.Node, candidates: Mapping[fx.Node, OpSite]) -> OpSite | None:
+    """The op among ``candidates`` that is the only user of ``node``, reading it as its input ``x``."""
     users = list(node.users)
-    if len(users) == 1 and users[0] in plain_rectifiers and plain_rectifiers[users[0]].arguments["x"] is node:
-        return plain_rectifiers[users[0]]
+    if len(users) == 1 and users[0] in candidates and candidates[users[0]].arguments["x"] is node:
+        return candidates[users[0]]
     return None
+
+
+def _passes_relevance(rule: Rule | None) -> bool:
+    """The built-in ratio rule of batch norm, which hands the relevance ``g * y`` on unchanged."""
+    return rule is not None and rule.function is ratio_batch_norm and not rule.options
 
 
 def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> dict[str, RuleSite]:
@@ -157,15 +165,18 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
     wins over the node's kind. Raises ValueError for a key that is neither, and for a rule whose
     function does not take the arguments of the op it would replace.
 
-    Two graph facts are passed to rule functions that name them as parameters, both about
-    rectifiers (ReLU, ReLU6: ``min_val == 0``) that keep their plain gradient:
+    Three graph facts are passed to rule functions that name them as parameters:
 
-    * ``output_clamp``: such a rectifier is the only user of the rule op; it is folded into the
-      op, which applies it in place and keeps the rectified output (:mod:`tsgb_fx.rules.rectify`);
+    * ``batch_norm``: the op's only user is a batch norm with the built-in ratio rule; it is
+      folded into the op, which receives its arguments (TSGB-Conv, :func:`tsgb_fx.rules.conv.tsgb_conv`);
+    * ``output_clamp``: a rectifier (ReLU, ReLU6: ``min_val == 0``) with its plain gradient is
+      the only user of the rule op (or of its folded batch norm); it is folded into the op, which
+      applies it in place and keeps the rectified output (:mod:`tsgb_fx.rules.rectify`);
     * ``input_rectified``: the op's input is such a rectifier's output (folded or not), so it is
       non-negative and gets no signal where it is 0 (TSGB-Conv skips ``|x|`` and ``sign(x)``).
 
-    Both leave every map as it is; they save passes over activations and memory.
+    None changes a map (the batch norm fold up to the ratio rule's ``eps``); they save passes
+    over activations and memory. The returned RuleSites still list every folded op with its rule.
     """
     graph = graph_module.graph
     sites = find_op_sites(graph_module)
@@ -184,29 +195,38 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
         for site in sites
         if site.kind == "relu" and chosen[site.node][1] is None and site.arguments["min_val"] == 0.0
     }
+    relevance_passing = {
+        site.node: site for site in sites if site.kind == "batchnorm" and _passes_relevance(chosen[site.node][1])
+    }
     rectified_outputs = set(plain_rectifiers)
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
         kind, rule = chosen[site.node]
-        if rule is None:
+        if rule is None or site.node in replaced:  # plain gradient, or already folded into an op before it
             continue
         _check_signature(rule, site, kind)
-        folded = _foldable_rectifier(site.node, plain_rectifiers) if _takes(rule, "output_clamp") else None
-        with graph.inserting_before(site.node):
+        batch_norm = _only_user(site.node, relevance_passing) if _takes(rule, "batch_norm") else None
+        chain = [site] if batch_norm is None else [site, batch_norm]
+        rectifier = _only_user(chain[-1].node, plain_rectifiers) if _takes(rule, "output_clamp") else None
+        if rectifier is not None:
+            chain.append(rectifier)
+        with graph.inserting_before(chain[-1].node):  # every op of the chain has its inputs by then
             arguments = {name: _materialise(graph, value, replaced) for name, value in site.arguments.items()}
             if _takes(rule, "input_rectified"):
                 arguments["input_rectified"] = arguments.get("x") in rectified_outputs
-            if folded is not None:
-                arguments["output_clamp"] = (0.0, folded.arguments["max_val"])
+            if batch_norm is not None:
+                arguments["batch_norm"] = tuple(
+                    _materialise(graph, batch_norm.arguments[name], replaced) for name in _BATCH_NORM_ARGUMENTS
+                )
+            if rectifier is not None:
+                arguments["output_clamp"] = (0.0, rectifier.arguments["max_val"])
             replacement = graph.call_function(rule.function, kwargs={**arguments, **rule.options})
         replacement.meta = dict(site.node.meta)
-        site.node.replace_all_uses_with(replacement)
-        replaced[site.node] = replacement
-        graph.erase_node(site.node)
-        if folded is not None:
+        for folded in reversed(chain):  # last first: each op's only user is gone before the op itself
             folded.node.replace_all_uses_with(replacement)
             replaced[folded.node] = replacement
             graph.erase_node(folded.node)
+        if rectifier is not None:
             rectified_outputs.add(replacement)
     graph.eliminate_dead_code()
     graph.lint()

@@ -15,12 +15,16 @@ from .ratio import divide_by_input
 from .rectify import rectify_, relevance_carrier
 
 
+def inference_batch_norm(x, running_mean, running_var, weight, bias, eps):
+    """Batch norm as in eval mode: running statistics, or the batch's own where there are none."""
+    training = running_mean is None or running_var is None
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.0, eps)
+
+
 class RatioBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps, output_clamp):
-        training = running_mean is None or running_var is None
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.0, eps)
-        return rectify_(y, output_clamp)
+        return rectify_(inference_batch_norm(x, running_mean, running_var, weight, bias, eps), output_clamp)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .batchnorm import inference_batch_norm
 from .box import WindowGeometry, box, box_transpose, per_axis
 from .rectify import rectify_, relevance_carrier
 
@@ -54,13 +55,17 @@ def tsgb_conv_backward(
     gradient. Then ``|x| = x``, and ``sign(x)`` is 1 except where ``x == 0``, exactly where the
     rectifier's own backward zeroes the signal anyway; so ``BoxT(r)`` is sent as a broadcast view,
     saving three passes over ``x`` (``abs``, ``sign``, the product) with the same map.
+
+    A ``g`` that is one map broadcast over the channels (stride 0: what a rectified TSGB-Conv
+    sends back) gives ``c = g * sum_channels(y)``: a sum instead of a full-size product.
     """
     rule_groups = groups if conv_groups == "layer" else 1
-    relevance = channel_sums(torch.mul, (g, y), rule_groups)  # c: (N, G, *S_out)
-    if input_rectified and rule_groups == 1:  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower
-        mass = x.sum(1, keepdim=True)
-    elif input_rectified:
-        mass = x.unflatten(1, (rule_groups, -1)).sum(2)
+    if g.stride(1) == 0:  # one map broadcast over the channels (what a rectified TSGB-Conv sends)
+        relevance = g.narrow(1, 0, 1) * group_sums(y, rule_groups)  # c = g * sum y
+    else:
+        relevance = channel_sums(torch.mul, (g, y), rule_groups)  # c: (N, G, *S_out)
+    if input_rectified:  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower than abs then sum
+        mass = group_sums(x, rule_groups)
     else:
         mass = channel_sums(torch.abs, (x,), rule_groups)
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
@@ -87,22 +92,33 @@ def channel_sums(term, tensors: tuple[torch.Tensor, ...], groups: int) -> torch.
         if per_chunk < batch:
             starts = range(0, batch, per_chunk)
             chunks = [term(*(t[start : start + per_chunk] for t in tensors)) for start in starts]
-            return torch.cat([chunk.unflatten(1, (groups, -1)).sum(2) for chunk in chunks])
-    whole = term(*tensors)
-    return whole.sum(1, keepdim=True) if groups == 1 else whole.unflatten(1, (groups, -1)).sum(2)
+            return torch.cat([group_sums(chunk, groups) for chunk in chunks])
+    return group_sums(term(*tensors), groups)
+
+
+def group_sums(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum over the channels of each group: (N, C, *S) -> (N, groups, *S)."""
+    return t.sum(1, keepdim=True) if groups == 1 else t.unflatten(1, (groups, -1)).sum(2)
 
 
 class TSGBConvFunction(torch.autograd.Function):
-    """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights."""
+    """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights.
+
+    ``batch_norm``: the arguments of a ratio-rule batch norm folded in after the convolution
+    (see :func:`tsgb_conv`); ``output_clamp`` a rectifier folded in after that.
+    """
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified, output_clamp):
+    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified, batch_norm,
+                output_clamp):
         y = CONV_BY_NDIM[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        if batch_norm is not None:
+            y = inference_batch_norm(y, *batch_norm)
         return rectify_(y, output_clamp)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding, dilation, groups, conv_groups, input_rectified, output_clamp = inputs
+        x, weight, _bias, stride, padding, dilation, groups, conv_groups, input_rectified, _bn, output_clamp = inputs
         ctx.save_for_backward(x, output)
         ctx.output_clamp = output_clamp
         ctx.geometry = WindowGeometry(tuple(weight.shape[2:]), stride, padding, dilation)
@@ -117,7 +133,7 @@ class TSGBConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             y = relevance_carrier(y, ctx.output_clamp)  # g * y is the relevance, rectifier folded in or not
             g_x = tsgb_conv_backward(x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified)
-        return g_x, None, None, None, None, None, None, None, None, None
+        return g_x, None, None, None, None, None, None, None, None, None, None
 
 
 def _explicit_padding(x, weight, padding, dilation, padding_mode):
@@ -154,17 +170,28 @@ def normalise_geometry(x, weight, stride, padding, dilation, padding_mode):
 
 
 def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-              conv_groups="reference", input_rectified=False, output_clamp=None):
+              conv_groups="reference", input_rectified=False, batch_norm=None, output_clamp=None):
     """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
 
     Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
     ``'valid'``, and a module's ``padding_mode``. ``input_rectified`` is set by the rewrite when
     ``x`` comes straight from a plain-gradient rectifier (see :func:`tsgb_conv_backward`); an
-    explicit pad in between makes it moot, so it is then dropped. ``output_clamp``: the rewrite
-    folded the plain ReLU/ReLU6 that follows into this op (:mod:`tsgb_fx.rules.rectify`).
+    explicit pad in between makes it moot, so it is then dropped.
+
+    ``batch_norm``: ``(running_mean, running_var, weight, bias, eps)`` of the batch norm that is
+    this convolution's only user, folded in by the rewrite when that batch norm has the ratio
+    rule. The ratio rule passes the relevance through unchanged (``g_x * x = g * y``, TSGB.md),
+    and TSGB-Conv reads the signal at its output only through the relevance
+    ``c = sum_channels(g * y)``; so the pair's signal to ``x`` is TSGB-Conv's with ``g * y``
+    taken at the batch norm's output, and the ratio rule's division (eight passes over the
+    activation) is never computed. Equal to the two rules one after the other wherever
+    ``|y_conv| >> eps`` (the ratio rule's stabiliser).
+
+    ``output_clamp``: the rewrite folded the plain ReLU/ReLU6 that follows into this op
+    (:mod:`tsgb_fx.rules.rectify`).
     """
     padded, stride, padding, dilation = normalise_geometry(x, weight, stride, padding, dilation, padding_mode)
     rectified = input_rectified and padded is x
     return TSGBConvFunction.apply(
-        padded, weight, bias, stride, padding, dilation, groups, conv_groups, rectified, output_clamp
+        padded, weight, bias, stride, padding, dilation, groups, conv_groups, rectified, batch_norm, output_clamp
     )
