@@ -23,9 +23,19 @@ EPS = 1e-10
 
 
 def tsgb_linear_backward(x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The signal TSGB-FC sends to ``x`` (..., in) for ``g`` (..., out)."""
+    """The signal TSGB-FC sends to ``x`` (..., in) for ``g`` (..., out).
+
+    ``g_x`` is a sum over the output units ``j`` with ``g_j != 0`` only: with a one-hot ``g``
+    (one target per image) that is a handful of rows of ``W``, not all ``out`` of them (2048 x
+    1000 on ResNet-50, where the full form cost more than the layer's forward). In eager mode
+    only those rows are read; traced (symbolic batch, where the rows are data), the full form.
+    """
+    if not isinstance(g.shape[0], torch.SymInt):
+        rows = g.reshape(-1, g.shape[-1]).any(0).nonzero().squeeze(1)
+        if len(rows) < g.shape[-1]:
+            weight, g = weight.index_select(0, rows), g.index_select(-1, rows)
     positive = weight.clamp(min=0)
-    negative = weight.clamp(max=0)
+    negative = weight - positive
     beta = F.linear(x, positive) / (F.linear(x, negative).abs() + EPS)
     return g @ positive + (g * beta) @ negative
 
