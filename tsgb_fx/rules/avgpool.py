@@ -40,13 +40,11 @@ def avg_pool_transpose(u, x, kernel_size, stride, padding, ceil_mode, count_incl
 
 class RatioAvgPoolFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        return _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output)
-        ctx.pooling = inputs[1:]
+    def forward(ctx, x, *pooling):  # kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+        y = _avg_pool(x, *pooling)
+        ctx.save_for_backward(x, y)
+        ctx.pooling = pooling
+        return y
 
     @staticmethod
     def backward(ctx, g):

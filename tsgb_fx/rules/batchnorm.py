@@ -23,13 +23,11 @@ def inference_batch_norm(x, running_mean, running_var, weight, bias, eps):
 
 class RatioBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, running_mean, running_var, weight, bias, eps, output_clamp):
-        return rectify_(inference_batch_norm(x, running_mean, running_var, weight, bias, eps), output_clamp)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output)
-        ctx.output_clamp = inputs[-1]
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps, output_clamp):
+        out = rectify_(inference_batch_norm(x, running_mean, running_var, weight, bias, eps), output_clamp)
+        ctx.save_for_backward(x, out)
+        ctx.output_clamp = output_clamp
+        return out
 
     @staticmethod
     def backward(ctx, g):

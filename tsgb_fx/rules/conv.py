@@ -109,22 +109,19 @@ class TSGBConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified, batch_norm,
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, conv_groups, input_rectified, batch_norm,
                 output_clamp):
         y = CONV_BY_NDIM[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
         if batch_norm is not None:
             y = inference_batch_norm(y, *batch_norm)
-        return rectify_(y, output_clamp)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding, dilation, groups, conv_groups, input_rectified, _bn, output_clamp = inputs
-        ctx.save_for_backward(x, output)
+        out = rectify_(y, output_clamp)
+        ctx.save_for_backward(x, out)
         ctx.output_clamp = output_clamp
         ctx.geometry = WindowGeometry(tuple(weight.shape[2:]), stride, padding, dilation)
         ctx.groups = groups
         ctx.conv_groups = conv_groups
         ctx.input_rectified = input_rectified
+        return out
 
     @staticmethod
     def backward(ctx, g):

@@ -44,13 +44,9 @@ class TSGBLinearFunction(torch.autograd.Function):
     """Ordinary linear forward; TSGB-FC backward to the input, nothing to the weights."""
 
     @staticmethod
-    def forward(x, weight, bias):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _bias = inputs
+    def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):

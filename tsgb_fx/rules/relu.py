@@ -48,13 +48,10 @@ class GuidedReLUFunction(torch.autograd.Function):
     """Ordinary clamp forward; guided-backprop backward."""
 
     @staticmethod
-    def forward(x, min_val, max_val):
+    def forward(ctx, x, min_val, max_val):
+        ctx.save_for_backward(x)
+        ctx.bounds = (min_val, max_val)
         return _clamp(x, min_val, max_val)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.bounds = inputs[1:]
 
     @staticmethod
     def backward(ctx, g):
@@ -67,12 +64,8 @@ class DeconvnetReLUFunction(torch.autograd.Function):
     """Ordinary clamp forward; deconvnet backward (the forward's input is not needed)."""
 
     @staticmethod
-    def forward(x, min_val, max_val):
+    def forward(ctx, x, min_val, max_val):
         return _clamp(x, min_val, max_val)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, g):
