@@ -41,12 +41,22 @@ except ImportError:
     print("onnxruntime not installed: ORT columns skipped")
 EOF
 
+# speed NAME SECONDS FLAGS...: one benchmarks.speed run (batch 1 and 8) under a hard timeout,
+# written to $RESULTS/NAME.json and NAME.md; returns its exit status
+speed() {
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" "$PY" -m benchmarks.speed --device "$DEVICE" --models $MODELS --batch-sizes 1 8 \
+        --size "$SIZE" --repeats "$REPEATS" --warmup "$WARMUP" "$@" \
+        --json-out "$RESULTS/$name.json" --markdown-out "$RESULTS/$name.md"
+    local rc=$?
+    [ $rc = 0 ] || echo "$name: exit $rc (124 = ran past its $seconds s)"
+    return $rc
+}
+
 echo "== speed, torch (ms and ratio to the plain forward)"
-timeout 90 "$PY" -m benchmarks.speed --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
-    --repeats "$REPEATS" --warmup "$WARMUP" --no-onnx \
-    --json-out "$RESULTS/speed.json" --markdown-out "$RESULTS/speed.md"
+speed speed 90 --no-onnx
 speed_rc=$?
-[ $speed_rc = 0 ] || echo "speed: exit $speed_rc (124 = ran past its 90 s)"
 
 echo "== memory (peak above the state before the call; explain vs forward with a grad-requiring input)"
 timeout 55 "$PY" -m benchmarks.memory --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
@@ -59,11 +69,8 @@ memory_rc=$?
 ort_rc=0
 if [ "$ONNX" = 1 ] && "$PY" -c "import sys, onnxruntime as o; sys.exit('CUDAExecutionProvider' not in o.get_available_providers() and '$DEVICE' != 'cpu')" 2>/dev/null; then
     echo "== speed with onnxruntime (ORT ratio: the exported explainer to ORT's own forward)"
-    timeout 130 "$PY" -m benchmarks.speed --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
-        --repeats "$REPEATS" --warmup "$WARMUP" --no-explicit \
-        --json-out "$RESULTS/speed_ort.json" --markdown-out "$RESULTS/speed_ort.md"
+    speed speed_ort 130 --no-explicit
     ort_rc=$?
-    [ $ort_rc = 0 ] || echo "ORT: exit $ort_rc (124 = ran past its 130 s)"
 else
     echo "== onnxruntime: no CUDAExecutionProvider (pip install 'tsgb-fx[gpu]'), or ONNX=0: ORT skipped"
 fi
