@@ -10,8 +10,8 @@ models modify them in place (``out += identity``, ``F.relu(..., inplace=True)``)
 
 A convolution followed by a batch norm inside an ``nn.Sequential`` (torchvision's
 ``Conv2dNormActivation``) is swapped as one rule, TSGB-Conv with the relevance taken after the
-batch norm; elsewhere the batch norm's ratio rule is the authors' exact ``g * y / x``. The two
-agree wherever the convolution's output is not 0.
+batch norm; elsewhere the ratio rules of batch norm and average pooling divide exactly, as the
+authors' code does (``g * y / x``). The two agree wherever the convolution's output is not 0.
 
 Functional calls (``F.conv2d``) are invisible to module swapping; a model that uses them passes
 its own reference function (see ``FunctionalNet`` in the parity test).
@@ -26,10 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-10
-
-
-def _stabilised(x):
-    return torch.where(x >= 0, x + EPS, x - EPS)
 
 
 def _conv_signal(conv: nn.Conv2d, x, relevance, conv_groups: str):
@@ -128,7 +124,7 @@ class _AvgPool(torch.autograd.Function):
         with torch.enable_grad():
             x = ctx.x.clone().requires_grad_(True)
             (spread,) = torch.autograd.grad(ctx.pool(x), x, g * ctx.y)
-        return spread / _stabilised(ctx.x), None
+        return torch.where(ctx.x == 0, 0.0, spread / ctx.x), None  # 0/0 only under a ReLU'd zero
 
 
 class _Swapped(nn.Module):
