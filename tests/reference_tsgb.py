@@ -46,21 +46,7 @@ def _relevance(g, y, groups: int):
 
 
 class _Conv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, conv: nn.Conv2d, conv_groups: str):
-        y = conv._conv_forward(x, conv.weight, conv.bias)
-        ctx.conv, ctx.conv_groups = conv, conv_groups
-        ctx.x, ctx.y = x.detach().clone(), y.detach().clone()
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        groups = ctx.conv.groups if ctx.conv_groups == "layer" else 1
-        return _conv_signal(ctx.conv, ctx.x, _relevance(g, ctx.y, groups), ctx.conv_groups), None, None
-
-
-class _ConvBatchNorm(torch.autograd.Function):
-    """A convolution and the batch norm after it: TSGB-Conv with the relevance taken after the BN.
+    """TSGB-Conv; with ``bn``, a convolution and the batch norm after it as one rule.
 
     The ratio rule passes the relevance ``g * y`` through unchanged (TSGB.md), so the relevance
     at the convolution's output is ``g * y`` at the batch norm's output, also where the
@@ -68,8 +54,10 @@ class _ConvBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, conv: nn.Conv2d, bn: nn.BatchNorm2d, conv_groups: str):
-        y = _batch_norm(conv._conv_forward(x, conv.weight, conv.bias), bn)
+    def forward(ctx, x, conv: nn.Conv2d, conv_groups: str, bn: nn.BatchNorm2d | None = None):
+        y = conv._conv_forward(x, conv.weight, conv.bias)
+        if bn is not None:
+            y = _batch_norm(y, bn)
         ctx.conv, ctx.conv_groups = conv, conv_groups
         ctx.x, ctx.y = x.detach().clone(), y.detach().clone()
         return y
@@ -199,7 +187,7 @@ def _pair_convs_with_batch_norms(reference: nn.Module, conv_groups: str) -> set[
         children = list(module.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
             if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, _Swapped(_ConvBatchNorm, conv, bn, conv_groups))
+                setattr(module, conv_name, _Swapped(_Conv, conv, conv_groups, bn))
                 setattr(module, bn_name, nn.Identity())
                 prefix = f"{name}." if name else ""
                 paired |= {prefix + conv_name, prefix + bn_name}

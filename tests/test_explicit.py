@@ -29,6 +29,7 @@ from .explicit_models import MODELS, build, explainer_for, model_params
 from .helpers import map_error, relative_error
 
 TOLERANCE = 1e-5
+FLOAT64_TOLERANCE = 1e-9
 ROUND_TRIP = 1e-6  # issue 7: a saved program gives the same maps as the graph it came from
 METHODS = ("tsgb", "gradient", "grad_x_input", "guided_backprop", "deconvnet")
 
@@ -59,7 +60,13 @@ def tiny():
 
 @pytest.mark.parametrize("name", model_params(default=("tiny", "resnet18")))
 def test_parity_with_autograd_explainer(name):
+    """In float64, to 1e-9: eager and the graph compute the same maps by different routes (box
+    sums as sum pooling vs. convolutions, TSGB-FC on the target rows vs. all rows, channel sums in
+    batch chunks vs. whole), so in float32 they differ by float32's own rounding, 1.5e-5 to
+    4e-5 on vgg11_bn, mobilenet_v2 and tf_efficientnet_lite0. Float32 graphs are compared with
+    onnxruntime and the autograd explainer in test_onnx.py."""
     model, images = build(name)
+    model, images = model.double(), images.double()
     explainer = explainer_for(name, model, images)
     module = explicit_module(explainer, images)
     for target in (torch.full((3,), -1), torch.tensor([5, -1, 7])):
@@ -67,12 +74,12 @@ def test_parity_with_autograd_explainer(name):
         ref_logits, ref_saliency, _ = _reference(explainer, images, target)
         assert saliency.shape == (3, 1, *images.shape[2:])
         print(f"{name} target={target.tolist()}: saliency rel L2 {relative_error(saliency, ref_saliency):.2e}")
-        assert relative_error(saliency, ref_saliency) < TOLERANCE
-        assert relative_error(logits, ref_logits) < TOLERANCE
+        assert relative_error(saliency, ref_saliency) < FLOAT64_TOLERANCE
+        assert relative_error(logits, ref_logits) < FLOAT64_TOLERANCE
         assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
     # one graph, any batch size
     logits, saliency = _run(module, images[:1], torch.tensor([-1]))
-    assert relative_error(saliency, explainer(images[:1]).saliency) < TOLERANCE
+    assert relative_error(saliency, explainer(images[:1]).saliency) < FLOAT64_TOLERANCE
 
 
 @pytest.mark.parametrize("method", METHODS)
