@@ -49,13 +49,15 @@ class _Conv(torch.autograd.Function):
     """TSGB-Conv; with ``bn``, a convolution and the batch norm after it as one rule.
 
     The ratio rule passes the relevance ``g * y`` through unchanged (TSGB.md), so the relevance
-    at the convolution's output is ``g * y`` at the batch norm's output, also where the
-    convolution's output is exactly 0 (there the two separate rules would divide 0 by 0).
+    at the convolution's output is ``g * y`` at the batch norm's output, except where the
+    convolution's output is exactly 0: there TSGB.md's stabilised division sends ``g * y / eps``
+    and TSGB-Conv multiplies it by that 0 (the authors' exact division would give 0/0).
     """
 
     @staticmethod
     def forward(ctx, x, conv: nn.Conv2d, conv_groups: str, bn: nn.BatchNorm2d | None = None):
         y = conv._conv_forward(x, conv.weight, conv.bias)
+        ctx.live = torch.ones_like(y) if bn is None else (y != 0).to(y.dtype)
         if bn is not None:
             y = _batch_norm(y, bn)
         ctx.conv, ctx.conv_groups = conv, conv_groups
@@ -65,7 +67,8 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         groups = ctx.conv.groups if ctx.conv_groups == "layer" else 1
-        return _conv_signal(ctx.conv, ctx.x, _relevance(g, ctx.y, groups), ctx.conv_groups), None, None, None
+        relevance = _relevance(g * ctx.live, ctx.y, groups)
+        return _conv_signal(ctx.conv, ctx.x, relevance, ctx.conv_groups), None, None, None
 
 
 class _FC(torch.autograd.Function):

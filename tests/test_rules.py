@@ -186,19 +186,30 @@ def test_batch_norm_folded_into_tsgb_conv_is_the_two_rules(case, conv_groups):
     torch.testing.assert_close(g_x, reference_tsgb_conv(x, g_conv, conv, conv_groups), rtol=1e-9, atol=1e-9)
 
 
-def test_folded_batch_norm_passes_relevance_where_the_conv_output_is_zero():
-    """Where a depthwise channel's window is all zeros the conv's output is exactly 0; the ratio
-    rule's relevance ``g * y`` still reaches the conv (TSGB.md: it passes unchanged), and with
-    reference groups every window has mass, so all of it is conserved to the input."""
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+def test_folded_batch_norm_stops_relevance_where_the_conv_output_is_zero(conv_groups):
+    """A depthwise channel over all-zero inputs outputs exactly 0: the two separate rules (the
+    ratio rule's stabilised division, then TSGB-Conv's product with that 0) stop the relevance
+    there, and so does the fold, though the batch norm's output there is its nonzero shift."""
     torch.manual_seed(6)
     conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
     x = torch.rand(1, 3, 6, 6)
     x[:, 1] = 0.0  # a dead channel: its depthwise output is exactly 0
     bn = _random_batch_norm(3)
     statistics = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    out, g_x = rule_gradient(tsgb_conv, x, torch.ones(1, 3, 6, 6), conv.weight, None, 1, 1, 1, 3, batch_norm=statistics)
-    assert (conv(x)[:, 1] == 0).all() and (out[:, 1] != 0).all()
-    torch.testing.assert_close((g_x * x).sum(), out.sum())
+    g = torch.randn(1, 3, 6, 6)
+    args = (conv.weight, None, 1, 1, 1, 3)
+    folded_out, folded = rule_gradient(tsgb_conv, x, g, *args, conv_groups=conv_groups, batch_norm=statistics)
+    assert (conv(x)[:, 1] == 0).all() and (folded_out[:, 1] != 0).all()
+
+    def two_rules(x):
+        return ratio_batch_norm(tsgb_conv(x, *args, conv_groups=conv_groups), *statistics)
+
+    _, separate = rule_gradient(two_rules, x, g)
+    torch.testing.assert_close(folded, separate, rtol=1e-9, atol=1e-12)
+    # the relevance that reaches x is the relevance at the live outputs only
+    live = (conv(x) != 0).detach()
+    torch.testing.assert_close((folded * x).sum(), (g * folded_out * live).sum())
 
 
 @pytest.mark.parametrize("conv_groups", ["reference", "layer"])
