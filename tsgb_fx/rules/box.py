@@ -29,6 +29,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from .tracing import is_traced
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 # 2-d only: CPU avg_pool3d refuses an input smaller than the kernel even where padding covers it
@@ -88,11 +90,6 @@ def per_axis(value, ndim: int) -> tuple[int, ...]:
     return tuple(int(v) for v in (values * ndim if len(values) == 1 else values))
 
 
-def _eager(t: torch.Tensor) -> bool:
-    """Not being traced with a symbolic batch (the explicit graph keeps plain convolutions)."""
-    return not isinstance(t.shape[0], torch.SymInt)
-
-
 def _ones_kernel(geometry: WindowGeometry, channels: int, like: torch.Tensor) -> torch.Tensor:
     return torch.ones((channels, 1, *geometry.kernel_size), dtype=like.dtype, device=like.device)
 
@@ -104,7 +101,7 @@ def box(s: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
     """
     if geometry.is_pointwise:
         return s[geometry.strided()]
-    if geometry.is_poolable and _eager(s):
+    if geometry.is_poolable and not is_traced(s):
         return _SUM_POOL[geometry.ndim](s, geometry.kernel_size, geometry.stride, geometry.padding,
                                         divisor_override=1)
     channels = s.shape[1]
@@ -127,7 +124,7 @@ def box_transpose(r: torch.Tensor, geometry: WindowGeometry, input_size) -> torc
         spread = r.new_zeros((*r.shape[:2], *input_size))
         spread[geometry.strided()] = r
         return spread
-    if geometry.is_poolable and _eager(r):
+    if geometry.is_poolable and not is_traced(r):
         sized_like = r.new_empty(()).expand(*r.shape[:2], *input_size)  # only its shape is read
         return _SUM_POOL_TRANSPOSE[geometry.ndim](
             r, sized_like, geometry.kernel_size, geometry.stride, geometry.padding, False, True, 1

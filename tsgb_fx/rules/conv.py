@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .batchnorm import inference_batch_norm
 from .box import WindowGeometry, box, box_transpose, per_axis
 from .rectify import rectify_, relevance_carrier
+from .tracing import is_traced
 
 EPS = 1e-10
 CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: products larger than this are summed in batch chunks
@@ -86,8 +87,8 @@ def channel_sums(term, tensors: tuple[torch.Tensor, ...], groups: int) -> torch.
     several times the arithmetic on CPU (fresh pages on every call); chunks stay in the
     allocator's cache. Traced (symbolic batch), it is the one plain expression.
     """
-    batch = tensors[0].shape[0]
-    if not isinstance(batch, torch.SymInt):
+    if not is_traced(tensors[0]):
+        batch = tensors[0].shape[0]
         per_chunk = max(1, CHUNK_ELEMENTS * batch // max(1, tensors[0].numel()))
         if per_chunk < batch:
             starts = range(0, batch, per_chunk)

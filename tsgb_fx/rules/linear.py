@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tracing import is_traced
+
 EPS = 1e-10
 
 
@@ -30,7 +32,7 @@ def tsgb_linear_backward(x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor)
     1000 on ResNet-50, where the full form cost more than the layer's forward). In eager mode
     only those rows are read; traced (symbolic batch, where the rows are data), the full form.
     """
-    if not isinstance(g.shape[0], torch.SymInt):
+    if not is_traced(g):
         rows = g.reshape(-1, g.shape[-1]).any(0).nonzero().squeeze(1)
         if len(rows) < g.shape[-1]:
             weight, g = weight.index_select(0, rows), g.index_select(-1, rows)
