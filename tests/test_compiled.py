@@ -51,3 +51,23 @@ def test_compiled_explainer_matches_the_reference_and_is_reused():
 def test_compile_flag_is_checked():
     with pytest.raises(TypeError, match="compile must be True or False"):
         tsgb_fx.explainer(_small_cnn(), compile="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_give_the_eager_maps_and_keep_earlier_results():
+    """On CUDA the graph is replayed as a CUDA graph into the same buffers: a result must not
+    change when the next call runs."""
+    model = _small_cnn().cuda()  # float64: no TF32 convolutions, so the two paths agree to rounding
+    eager = tsgb_fx.explainer(model)
+    compiled = tsgb_fx.explainer(model, compile=True)
+    first_image, second_image = torch.randn(2, 2, 3, 16, 16, dtype=torch.float64, device="cuda")
+
+    first = compiled(first_image, target=1)
+    first_saliency = first.saliency.clone()
+    second = compiled(second_image, target=3)
+    assert torch.equal(first.saliency, first_saliency)
+    for result, image, target in ((first, first_image, 1), (second, second_image, 3)):
+        expected = eager(image, target=target)
+        assert relative_error(result.saliency, expected.saliency) < 1e-9
+        torch.testing.assert_close(result.logits, expected.logits)
