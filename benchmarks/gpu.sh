@@ -10,6 +10,8 @@
 #
 # Overrides for a smoke test without a GPU: DEVICE=cpu MODELS=resnet18 SIZE=64 REPEATS=1 ONNX=0
 # More models need longer step limits, e.g. MODELS="vgg16 densenet121" SPEED_SECONDS=240.
+# COMPILE=1 adds compile=True (one cold torch.compile per model and batch size, each model in its
+# own run of at most COMPILE_SECONDS, default 150).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,8 @@ REPEATS=${REPEATS:-20}
 WARMUP=${WARMUP:-3}
 ONNX=${ONNX:-1}
 SPEED_SECONDS=${SPEED_SECONDS:-90}
+COMPILE=${COMPILE:-0}
+COMPILE_SECONDS=${COMPILE_SECONDS:-150}
 MEMORY_SECONDS=${MEMORY_SECONDS:-55}
 RESULTS=${RESULTS:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$RESULTS"
@@ -44,12 +48,12 @@ except ImportError:
     print("onnxruntime not installed: ORT columns skipped")
 EOF
 
-# speed NAME SECONDS FLAGS...: one benchmarks.speed run (batch 1 and 8) under a hard timeout,
-# written to $RESULTS/NAME.json and NAME.md; returns its exit status
+# speed NAME SECONDS MODELS FLAGS...: one benchmarks.speed run (batch 1 and 8) under a hard
+# timeout, written to $RESULTS/NAME.json and NAME.md; returns its exit status
 speed() {
-    local name=$1 seconds=$2
-    shift 2
-    timeout "$seconds" "$PY" -m benchmarks.speed --device "$DEVICE" --models $MODELS --batch-sizes 1 8 \
+    local name=$1 seconds=$2 models=$3
+    shift 3
+    timeout "$seconds" "$PY" -m benchmarks.speed --device "$DEVICE" --models $models --batch-sizes 1 8 \
         --size "$SIZE" --repeats "$REPEATS" --warmup "$WARMUP" "$@" \
         --json-out "$RESULTS/$name.json" --markdown-out "$RESULTS/$name.md"
     local rc=$?
@@ -58,8 +62,16 @@ speed() {
 }
 
 echo "== speed, torch (ms and ratio to the plain forward)"
-speed speed "$SPEED_SECONDS" --no-onnx
+speed speed "$SPEED_SECONDS" "$MODELS" --no-onnx
 speed_rc=$?
+
+compile_rc=0
+if [ "$COMPILE" = 1 ]; then
+    echo "== compile=True (torch.compile of the explicit graph; cold compile time in the one-off table)"
+    for model in $MODELS; do
+        speed "compile_$model" "$COMPILE_SECONDS" "$model" --no-onnx --no-explicit --compile || compile_rc=1
+    done
+fi
 
 echo "== memory (peak above the state before the call; explain vs forward with a grad-requiring input)"
 timeout "$MEMORY_SECONDS" "$PY" -m benchmarks.memory --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
@@ -72,11 +84,11 @@ memory_rc=$?
 ort_rc=0
 if [ "$ONNX" = 1 ] && "$PY" -c "import sys, onnxruntime as o; sys.exit('CUDAExecutionProvider' not in o.get_available_providers() and '$DEVICE' != 'cpu')" 2>/dev/null; then
     echo "== speed with onnxruntime (ORT ratio: the exported explainer to ORT's own forward)"
-    speed speed_ort 130 --no-explicit
+    speed speed_ort 130 "$MODELS" --no-explicit
     ort_rc=$?
 else
     echo "== onnxruntime: no CUDAExecutionProvider (pip install 'tsgb-fx[gpu]'), or ONNX=0: ORT skipped"
 fi
 
 echo "== done in $(( $(date +%s) - started )) s; results in $RESULTS"
-[ $speed_rc = 0 ] && [ $memory_rc = 0 ] && [ $ort_rc = 0 ]
+[ $speed_rc = 0 ] && [ $compile_rc = 0 ] && [ $memory_rc = 0 ] && [ $ort_rc = 0 ]
