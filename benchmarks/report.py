@@ -1,7 +1,7 @@
 """Assemble benchmarks/README.md from the results that the benchmark scripts wrote.
 
 Reads ``benchmarks/results/{speed,compile,peers,memory,scaling}.json`` (any may be missing: its
-section then says so) and rewrites README.md: the machine and its caveats, issue 4's targets
+section then says so) and, where present, ``benchmarks/results/gpu/*.json`` from ``benchmarks/gpu.sh`` and rewrites README.md: the machine and its caveats, issue 4's targets
 with PASS/MISS next to each measured ratio, the tables, the scaling plot and a paragraph on how
 cost grows with batch and image size. Nothing here measures; ``make bench`` runs the scripts
 first. ``python -m benchmarks.report --results DIR --out FILE`` for other places.
@@ -34,6 +34,47 @@ def load(results: Path, name: str) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------
 # targets
+
+
+def merged(paths: list[Path]) -> dict | None:
+    """Several result files of one kind as one: the first file's machine and settings, all rows."""
+    payloads = [json.loads(path.read_text()) for path in sorted(paths)]
+    if not payloads:
+        return None
+    return {**payloads[0], "rows": [row for payload in payloads for row in payload["rows"]]}
+
+
+def gpu_section(folder: Path) -> list[str]:
+    """The CUDA results of ``benchmarks/gpu.sh`` (copied into ``folder``), or a line saying there are none.
+
+    ``speed*.json`` and ``memory*.json`` are gpu.sh's two steps, ``compile_*.json`` its COMPILE=1
+    step; ``nocudagraphs_*.json``, where kept, are compile=True runs from before it replayed CUDA graphs.
+    """
+    speed_data = merged(list(folder.glob("speed*.json")))
+    if speed_data is None:
+        return ["Not run: `benchmarks/gpu.sh` on a CUDA machine writes these results; copy them into "
+                "benchmarks/results/gpu/ and the next report includes them.", ""]
+    m = speed_data["machine"]
+    out = [f"`benchmarks/gpu.sh` on {m.get('gpu', 'a GPU')} ({m['date']}, torch {m['torch']}, "
+           f"{m['cpu_count']} CPU cores; code {m.get('code', 'n/a')}). Measured on a lent machine, "
+           "outside `make bench`; results copied into benchmarks/results/gpu/. ORT has no CUDA columns: "
+           "that machine has no onnxruntime-gpu. At these sizes an eager explanation on CUDA is bound by "
+           "launching its hundreds of small kernels from Python, not by the GPU; compile=True replays them "
+           "as one CUDA graph (below).", "", speed.render(speed_data), ""]
+    compiled = merged(list(folder.glob("compile_*.json")))
+    if compiled is not None:
+        out += ["compile=True on CUDA (`COMPILE=1`): the explicit graph compiled with "
+                "`mode=\"reduce-overhead\"`, i.e. replayed as one CUDA graph:", "", speed.render(compiled), ""]
+    plain = merged(list(folder.glob("nocudagraphs_*.json")))
+    if plain is not None:
+        out += ["The same, compiled in torch.compile's default mode (before compile=True used CUDA graphs "
+                "on CUDA): each kernel is still launched from Python.", "", speed.render(plain), ""]
+    memory_data = merged(list(folder.glob("memory*.json")))
+    if memory_data is not None:
+        out += [memory.render(memory_data), ""]
+        if any(len(row["bytes"]) < len(memory_data["settings"]["cases"]) for row in memory_data["rows"]):
+            out += ["n/a: not measured; gpu.sh's memory step ran past its time limit first.", ""]
+    return out
 
 
 def busy(row: dict, data: dict) -> str:
@@ -289,8 +330,8 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         markdown_table(["target", "model", "batch", "measured", "verdict"], targets, "llrrl")
         if targets else "_No results._",
         "",
-        "GPU: `benchmarks/gpu.sh` reports the same ratios and milliseconds on CUDA; it needs a GPU machine "
-        "and is not part of this table unless a section below says so.",
+        "GPU: `benchmarks/gpu.sh` reports the same ratios and milliseconds on CUDA; it needs a GPU machine, "
+        "so its results are in their own section (GPU) below, not in this table.",
         "",
         "## Speed",
         "",
@@ -307,6 +348,7 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         out += ["Not measured in this run: `python -m benchmarks.speed --models resnet50 --compile --no-onnx "
                 "--json-out benchmarks/results/compile.json` adds it (minutes per model and batch size on this "
                 "machine), and the next report includes it.", ""]
+    out += ["## GPU", "", *gpu_section(results / "gpu")]
     out += [
         "## Peers",
         "",

@@ -209,6 +209,23 @@ def test_readme_assembles_sections_and_keeps_foreign_blocks(tmp_path):
     assert "_The scaling sweep was not run._" in text
 
 
+def test_gpu_section_merges_the_runs_of_gpu_sh(tmp_path):
+    assert "Not run" in report.gpu_section(tmp_path)[0]
+    cuda = {**MACHINE, "device": "cuda", "gpu": "Test GPU"}
+    first, second = _speed_payload(), _speed_payload()
+    first["rows"], second["rows"] = first["rows"][:1], second["rows"][1:]  # resnet50 and vgg16 apart
+    memory_payload = _memory_payload()
+    memory_payload["rows"].append({"model": "vgg16", "batch": 1, "size": 224, "method": "cuda",
+                                   "bytes": {"forward_grad": 2**20}})  # its step ran out of time
+    for name, payload in (("speed.json", first), ("speed_more.json", second), ("memory.json", memory_payload)):
+        (tmp_path / name).write_text(json.dumps({**payload, "machine": cuda}))
+    text = "\n".join(report.gpu_section(tmp_path))
+    assert "Test GPU" in text and "compile=True on CUDA" not in text
+    assert "| resnet50 | 1 | 100 ms |" in text and "| vgg16 | 8 | 1000 ms |" in text
+    assert "| resnet50 | 1 | 100 MiB | 110 MiB | 140 MiB | 1.40x |" in text
+    assert "n/a: not measured" in text
+
+
 def test_busy_rows_are_marked_and_runs_are_cross_checked():
     speed_payload = _speed_payload()
     speed_payload["rows"][0]["load"] = 4.9  # above the 2 cores of MACHINE
