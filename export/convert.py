@@ -3,7 +3,8 @@
 The path is ``explainer -> explicit fx graph (tsgb_fx.explicit) -> torch.export (dynamic batch)
 -> torch.onnx (dynamo exporter, onnxscript's torchlib) -> inline every local function -> check``.
 The explicit graph has no autograd and no backward kernels left, so the exporter only sees
-ordinary ops (Conv, ConvTranspose, MatMul, MaxPool, ScatterElements, ArgMax, ...).
+ordinary ops (Conv, ConvTranspose, MatMul, MaxPool, ScatterElements, ArgMax, ...); before export,
+:mod:`tsgb_export.lowering` respells the broadcasts and masks that onnxruntime runs slowly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 import tsgb_fx
 from tsgb_fx.explicit import explicit_module, export_program
+
+from .lowering import lower_for_onnx
 
 INPUT_NAMES = ("image", "target")
 OUTPUT_NAMES = ("logits", "saliency")
@@ -73,7 +76,7 @@ def to_onnx(
         raise TypeError(f"opset must be an int, got {opset!r}")
 
     example = example_input.detach()
-    explicit = explicit_module(explainer, example)
+    explicit = lower_for_onnx(explicit_module(explainer, example))
     program = export_program(explicit, example, dynamic_batch=dynamic_batch)
     with torch.inference_mode(False):
         onnx_program = torch.onnx.export(

@@ -1,0 +1,172 @@
+"""Rewrite the explicit graph into ops that onnxruntime runs fast, before it is exported.
+
+The explicit graph (:mod:`tsgb_fx.explicit`) is written for torch, where some ops are free or
+cheap that ONNX runtimes execute literally. Two such spellings cost an ONNX explainer of ResNet-50
+about a fifth of its time in onnxruntime on a CPU, and both have exact replacements:
+
+* **Materialised broadcasts.** ``expand`` is a view in torch and an ``Expand`` node in ONNX that
+  writes the full tensor. The rules send one map broadcast over the channels (TSGB-Conv's
+  ``BoxT(r)``), which the graph then slices back to one channel (``g.narrow(1, 0, 1)``) or adds
+  to another signal. ``slice(expand(t), dim, 0, 1)`` is ``t`` itself when ``t`` has size 1 on
+  ``dim``, and a broadcasting elementwise op (add, sub, mul, div, where) gives the same result
+  from the unexpanded input whenever its output shape does not change. Both are rewritten.
+* **Masking by ``where``.** Every rectifier's backward is ``where(y <= 0, 0, g)``, and the rules
+  mask with ``where(mask, 0, v)``. onnxruntime's ``Where`` takes about ten times as long as a
+  ``Mul`` over the same tensor (39 ms against 3.6 ms for 8x256x56x56 floats on this machine's
+  CPU), so ``where(mask, 0, v)`` becomes ``v * float(not mask)`` and ``where(y <= 0, 0, g)``
+  becomes ``g * float(y > 0)``: the same numbers wherever ``v`` is finite, which every signal of
+  the rules is (their divisions are stabilised).
+
+Shapes are read from the nodes' ``meta["val"]`` (make_fx records them, symbolic batch
+included); a rewrite whose shapes cannot be proven equal without a new guard is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+BROADCASTING = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self,
+                aten.mul.Scalar, aten.div.Scalar, aten.mul_.Tensor)
+IN_PLACE = (aten.mul_.Tensor,)  # writes into its first input: that one keeps its shape
+NEGATED_COMPARISON = {aten.le.Scalar: aten.gt.Scalar, aten.eq.Scalar: aten.ne.Scalar}
+
+
+def lower_for_onnx(module: fx.GraphModule) -> fx.GraphModule:
+    """Apply the rewrites above to ``module`` in place; returns it, recompiled."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.slice.Tensor:
+            _slice_of_broadcast(node)
+        elif node.target in BROADCASTING:
+            _broadcast_inputs(graph, node)
+        if node.target is aten.where.self:
+            _where_as_product(graph, node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.recompile()
+    return module
+
+
+NARROWED = "tsgb_lowered_shape"  # meta key: the shape of an op that now runs before its broadcast
+
+
+def _shape(node) -> tuple | None:
+    if not isinstance(node, fx.Node):
+        return None
+    if NARROWED in node.meta:
+        return node.meta[NARROWED]
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _is_one(size) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _broadcast(shapes: list[tuple]) -> tuple | None:
+    """torch's broadcast of ``shapes``, or None where sizes are not provably compatible."""
+    ndim = max(len(shape) for shape in shapes)
+    out = []
+    for axis in range(1, ndim + 1):
+        sizes = [shape[-axis] for shape in shapes if len(shape) >= axis and not _is_one(shape[-axis])]
+        if sizes and not all(statically_known_true(size == sizes[0]) for size in sizes[1:]):
+            return None
+        out.append(sizes[0] if sizes else 1)
+    return tuple(reversed(out))
+
+
+def _slice_of_broadcast(node: fx.Node) -> None:
+    """``slice(expand(t), dim, 0, 1)`` -> ``t`` where that is the same tensor."""
+    source, dim, start, end = (list(node.args) + [None, None, None])[:4]
+    if not (isinstance(source, fx.Node) and source.target is aten.expand.default) or start != 0 or end != 1:
+        return
+    if len(node.args) > 4 and node.args[4] != 1:
+        return
+    original, wanted = _shape(source.args[0]), _shape(node)
+    if original is not None and wanted is not None and _same(original, wanted):
+        node.replace_all_uses_with(source.args[0])
+
+
+def _broadcast_inputs(graph: fx.Graph, node: fx.Node) -> None:
+    """Feed a broadcasting op its unexpanded inputs.
+
+    Where the output shape stays the same the expand is simply dropped. Where it would not (every
+    input is narrower than the output: two channel-broadcast signals added), the op runs on the
+    narrow inputs and the expand moves after it, for the op's own users to absorb in turn.
+    """
+    output = _shape(node)
+    if output is None:
+        return
+    args = list(node.args)
+    expanded = [index for index, arg in enumerate(args) if isinstance(arg, fx.Node) and arg.target is aten.expand.default]
+    if node.target in IN_PLACE:
+        expanded = [index for index in expanded if index > 0]
+    for index in expanded:
+        trial = args[:index] + [args[index].args[0]] + args[index + 1:]
+        broadcast = _broadcast_of(trial)
+        if broadcast is not None and _same(broadcast, output):
+            args = trial
+    remaining = [args[index] for index in expanded if args[index] is node.args[index]]
+    if remaining and node.target not in IN_PLACE:
+        narrow = [arg.args[0] if arg in remaining else arg for arg in args]
+        to_output = next((arg for arg in remaining if _same(_shape(arg) or (), output)), None)
+        narrow_shape = _broadcast_of(narrow)
+        if to_output is not None and narrow_shape is not None:
+            args = narrow
+            with graph.inserting_after(node):
+                widened = graph.call_function(aten.expand.default, (node, to_output.args[1]))
+            node.replace_all_uses_with(widened, delete_user_cb=lambda user: user is not widened)
+            widened.meta = dict(node.meta)
+            node.meta[NARROWED] = narrow_shape
+    node.args = tuple(args)
+
+
+def _broadcast_of(args: list) -> tuple | None:
+    shapes = [_shape(arg) if isinstance(arg, fx.Node) else () for arg in args]
+    return None if any(shape is None for shape in shapes) else _broadcast(shapes)
+
+
+def _zero_scalar(arg) -> bool:
+    if isinstance(arg, (int, float)):
+        return arg == 0
+    return (isinstance(arg, fx.Node) and arg.target is aten.scalar_tensor.default and arg.args[0] == 0
+            and _shape(arg) == ())
+
+
+def _where_as_product(graph: fx.Graph, node: fx.Node) -> None:
+    """``where(mask, 0, v)`` -> ``v * float(not mask)``; ``where(mask, v, 0)`` -> ``v * float(mask)``."""
+    mask, when_true, when_false = node.args
+    if _zero_scalar(when_true):
+        value, keep_where_mask = when_false, False
+    elif _zero_scalar(when_false):
+        value, keep_where_mask = when_true, True
+    else:
+        return
+    output, value_shape = _shape(node), _shape(value)
+    dtype = node.meta["val"].dtype if "val" in node.meta else None
+    if output is None or value_shape is None or dtype is None or not dtype.is_floating_point:
+        return
+    broadcast = _broadcast([_shape(mask) or (), value_shape])
+    if broadcast is None or not _same(broadcast, output):
+        return
+    with graph.inserting_before(node):
+        if keep_where_mask:
+            keep = mask
+        elif mask.target in NEGATED_COMPARISON and len(mask.users) == 1:
+            keep = graph.call_function(NEGATED_COMPARISON[mask.target], mask.args)  # y <= 0 -> y > 0
+        else:
+            keep = graph.call_function(aten.logical_not.default, (mask,))
+        factor = graph.call_function(aten._to_copy.default, (keep,), {"dtype": dtype})
+        product = graph.call_function(aten.mul.Tensor, (value, factor))
+    product.meta = dict(node.meta)
+    node.replace_all_uses_with(product)

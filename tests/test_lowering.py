@@ -1,0 +1,128 @@
+"""tsgb_export.lowering: the explicit graph respelled for onnxruntime computes the same maps.
+
+The rewrites (broadcasts kept narrow, ``where`` masks as products) must change no number: the
+lowered graph is compared with the graph it came from and with the autograd explainer, in
+float64, on a net that has every pattern the rewrites look for: rectifiers whose backward is a
+``where``, TSGB-Conv's channel-broadcast signals sliced back to one channel, two broadcast
+signals summed where one activation feeds two strided convolutions, non-rectified inputs (the
+in-place ``sign(x) * BoxT(r)``), a depthwise convolution and an average pool.
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import tsgb_fx
+from tsgb_export.lowering import lower_for_onnx
+
+from .helpers import randomise_batch_norm, relative_error
+
+aten = torch.ops.aten
+
+
+class DownsampleBlock(nn.Module):
+    """A ResNet block whose input feeds a strided 3x3 and a strided 1x1 convolution."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, groups=out_channels, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = nn.Sequential(nn.Conv2d(channels, out_channels, 1, stride=2, bias=False),
+                                        nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.downsample(x))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        DownsampleBlock(8, 16), DownsampleBlock(16, 16),
+        nn.AvgPool2d(2), nn.Conv2d(16, 16, 1),  # a convolution whose input is not rectified
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+    return randomise_batch_norm(model).double().eval()
+
+
+def _patterns(module) -> dict[str, int]:
+    """How many nodes of the two kinds that the lowering removes the graph holds."""
+    counts = {"expand into a broadcasting op or a slice": 0, "where with a zero branch": 0}
+    for node in module.graph.nodes:
+        if node.target is aten.expand.default and any(
+            user.target in (aten.add.Tensor, aten.mul.Tensor, aten.slice.Tensor, aten.mul_.Tensor)
+            for user in node.users
+        ):
+            counts["expand into a broadcasting op or a slice"] += 1
+        if node.target is aten.where.self and any(
+            isinstance(a, torch.fx.Node) and a.target is aten.scalar_tensor.default for a in node.args[1:]
+        ):
+            counts["where with a zero branch"] += 1
+    return counts
+
+
+def test_lowered_graph_gives_the_same_maps_without_broadcasts_or_where_masks():
+    model = _net()
+    explainer = tsgb_fx.explainer(model)
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 4, -1])
+    graph = explainer.explicit(images)
+    before = _patterns(graph)
+    assert all(count > 0 for count in before.values()), before  # the net exercises every rewrite
+    expected_logits, expected_saliency = graph(images, target)
+
+    lowered = lower_for_onnx(graph)
+    assert _patterns(lowered) == dict.fromkeys(before, 0)
+    logits, saliency = lowered(images, target)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+    assert relative_error(saliency, expected_saliency) < 1e-14
+    top1 = expected_logits.argmax(1)
+    autograd = explainer(images, target=torch.where(target < 0, top1, target)).saliency
+    assert relative_error(saliency, autograd) < 1e-9
+
+
+def test_a_broadcast_that_changes_the_shape_is_kept():
+    """``a + expand(b)`` with ``a`` as narrow as ``b``: dropping the expand would narrow the sum, so
+    the sum runs narrow and is expanded after it."""
+
+    def f(a, b):
+        return torch.relu(a + b.expand(-1, 4, -1, -1)).sum((2, 3)) + torch.ones(4)
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    a, b = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    traced = make_fx(f, tracing_mode="symbolic")(a, b)
+    lowered = lower_for_onnx(traced)
+    add = next(node for node in lowered.graph.nodes if node.target is aten.add.Tensor)
+    assert not any(arg.target is aten.expand.default for arg in add.args)
+    assert [user.target for user in add.users] == [aten.expand.default]
+    torch.testing.assert_close(lowered(a, b), f(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_exported_file_holds_the_lowered_ops(tmp_path):
+    """The ONNX file has no Where masks and no Expand into elementwise ops; ORT gives the map."""
+    pytest.importorskip("onnxruntime")
+    from tsgb_export import to_onnx
+    from tsgb_export.runtime import OnnxExplainer
+
+    model = _net().float()
+    explainer = tsgb_fx.explainer(model)
+    images = torch.randn(2, 3, 16, 16)
+    path = to_onnx(explainer, tmp_path / "net.onnx", images)
+    graph = onnx.load(str(path)).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    assert not [node for node in graph.node if node.op_type == "Where" and producers.get(node.input[0]) == "LessOrEqual"]
+    elementwise = {"Add", "Mul", "Sub", "Div", "Slice"}
+    users = {(producers.get(name), node.op_type) for node in graph.node for name in node.input}
+    assert not [pair for pair in users if pair[0] == "Expand" and pair[1] in elementwise]
+    result = OnnxExplainer(path, providers=["CPUExecutionProvider"])(images.numpy(), target=[1, 3])
+    expected = explainer(images, target=torch.tensor([1, 3])).saliency
+    assert relative_error(torch.from_numpy(result.saliency), expected) < 1e-5
