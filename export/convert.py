@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 import onnx.inliner
+import onnxscript.optimizer
 import torch
 
 import tsgb_fx
@@ -92,6 +93,11 @@ def to_onnx(
             verbose=False,
         )
     model = _standard_only(onnx_program.model_proto)
+    # torchlib casts each Python scalar to its tensor's type with CastLike, which onnxruntime
+    # cannot constant-fold (it has no CPU kernel for it): everything computed from the weights
+    # alone (TSGB-FC's W+ = max(W, 0) and W- = W - W+) would then run on every call. Folding
+    # constants, and nothing else of the optimiser above, resolves them and keeps the stabilisers.
+    onnxscript.optimizer.fold_constants(model)
     if dynamic_batch:
         _name_batch_dim(model)
     info = explicit.meta["tsgb_fx"]

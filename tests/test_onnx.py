@@ -48,7 +48,7 @@ from .helpers import map_error
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 
 from tsgb_export import to_onnx  # noqa: E402
 from tsgb_fx.explicit import explicit_module  # noqa: E402
@@ -219,6 +219,25 @@ def test_standard_domain_only_and_full_checker(tiny):
     op_types = {node.op_type for node in model.graph.node}
     assert not {op for op in op_types if "Grad" in op or op.endswith("Backward")}, op_types
     assert {"Conv", "ConvTranspose", "ArgMax"} <= op_types  # the rules and the top-1 are in the graph
+
+
+def test_onnxruntime_folds_everything_computed_from_weights_alone(tiny, tmp_path):
+    """TSGB-FC's W+ and W- depend on the weights only: onnxruntime must compute them once, at
+    load, not on every call (a CastLike in their path, which it cannot fold, used to prevent it)."""
+    _, _, path = tiny
+    assert "CastLike" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(options.optimized_model_filepath)
+    constant = {initializer.name for initializer in optimised.graph.initializer}
+    computed_from_constants = []
+    for node in optimised.graph.node:  # topological order
+        if node.op_type == "Constant" or (node.input and all(name in constant or not name for name in node.input)):
+            constant.update(node.output)
+            if node.op_type != "Constant":
+                computed_from_constants.append(node.op_type)
+    assert computed_from_constants == []
 
 
 def test_interface(tiny):
