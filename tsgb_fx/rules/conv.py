@@ -82,12 +82,14 @@ def channel_sums(term, tensors: tuple[torch.Tensor, ...], groups: int) -> torch.
     """``sum over the channels of each group of term(*tensors)``: (N, C, *S) -> (N, groups, *S).
 
     ``term`` is elementwise (``torch.mul`` for ``g * y``, ``torch.abs`` for ``|x|``). In eager
-    mode a term bigger than :data:`CHUNK_ELEMENTS` is formed a few images at a time: the
+    mode on a CPU a term bigger than :data:`CHUNK_ELEMENTS` is formed a few images at a time: the
     full-size temporary only feeds a channel sum, and allocating one of tens of megabytes costs
-    several times the arithmetic on CPU (fresh pages on every call); chunks stay in the
-    allocator's cache. Traced (symbolic batch), it is the one plain expression.
+    several times the arithmetic there (fresh pages on every call); chunks stay in the
+    allocator's cache. CUDA's caching allocator reuses blocks anyway, and there each chunk would
+    cost kernel launches, which bound an eager explanation on a GPU. Traced (symbolic batch), it
+    is the one plain expression.
     """
-    if not is_traced(tensors[0]):
+    if tensors[0].device.type == "cpu" and not is_traced(tensors[0]):
         batch = tensors[0].shape[0]
         per_chunk = max(1, CHUNK_ELEMENTS * batch // max(1, tensors[0].numel()))
         if per_chunk < batch:
