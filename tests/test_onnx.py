@@ -219,6 +219,8 @@ def test_standard_domain_only_and_full_checker(tiny):
     op_types = {node.op_type for node in model.graph.node}
     assert not {op for op in op_types if "Grad" in op or op.endswith("Backward")}, op_types
     assert {"Conv", "ConvTranspose", "ArgMax"} <= op_types  # the rules and the top-1 are in the graph
+    # one MaxPool per max pool: torch's per-plane indices come from Range, not a second pool
+    assert [node.op_type for node in model.graph.node].count("MaxPool") == 1
 
 
 def test_onnxruntime_folds_everything_computed_from_weights_alone(tiny, tmp_path):
@@ -398,3 +400,20 @@ def test_pyproject_lists_every_package():
         for init in (ROOT / folder).rglob("__init__.py")
     }
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_volumes_export_with_max_pooling(tmp_path):
+    """A 3-d net (Conv3d, MaxPool3d with overlapping windows) round-trips through ORT."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool3d(3, stride=2, padding=1),
+        torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 3),
+    ).eval()
+    explainer = tsgb_fx.explainer(model)
+    volumes = torch.randn(3, 2, 6, 8, 8)
+    path = to_onnx(explainer, tmp_path / "volume.onnx", volumes[:2])
+    assert [node.op_type for node in onnx.load(str(path)).graph.node].count("MaxPool") == 1
+    result = OnnxExplainer(path, providers=["CPUExecutionProvider"])(volumes.numpy(), target=[0, 1, 2])
+    expected = explainer(volumes, target=torch.tensor([0, 1, 2])).saliency
+    assert _relative(result.saliency, expected) < TOLERANCE
