@@ -395,7 +395,9 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         "- Baseline: the same model's forward under `torch.inference_mode()`; ORT columns are relative to "
         "ORT's own forward of the plain model (exported with `torch.onnx.export(..., dynamo=True)`, batch "
         "dynamic); the ORT explainer is `tsgb_export.to_onnx` run by `tsgb_export.runtime.OnnxExplainer` "
-        "(its input checks included), both sessions with the same thread settings.",
+        "(its input checks included), both sessions with the same thread settings and thread spinning off "
+        "(`session.intra_op.allow_spinning=0`: with it on, one session's idle threads spin on the cores the "
+        "next session in the round needs, which slowed the ORT forward by up to 1.8x here).",
         "- tsgb-fx eager: `e(x, target=k)` (forward + one autograd pass with the TSGB rules, input checks "
         "included). Explicit graph: `Explainer.explicit()`'s forward+backward graph under "
         "`torch.inference_mode()`. Input gradient: `torch.autograd.grad(model(x), x, one_hot)`.",
