@@ -15,8 +15,7 @@ CUDA graph. An explanation is hundreds of small kernels, and at batch sizes up t
 them one by one costs more than running them (on an H200, ResNet-50 at batch 8: 4.9 ms compiled
 plainly, 2.6 ms as a CUDA graph, against a 3.4-3.6 ms eager forward; benchmarks/README.md). A replay
 writes into the same output buffers every time, so each call's outputs are cloned before they
-are returned. Each batch size records its own CUDA graph (a few seconds, once), and each holds
-its own activation memory: keep the number of distinct batch sizes small.
+are returned. Each distinct batch size records a CUDA graph of its own on its first call.
 
 Graphs are traced from the explainer's current weights: tensors updated in place (an optimiser
 step, ``load_state_dict``) are seen, as the graph's buffers alias them; moving or converting
