@@ -39,13 +39,14 @@ class CompiledGraphs:
     def __call__(self, explainer, image: torch.Tensor, target: torch.Tensor):
         """``(logits, attribution)`` for ``image`` (N, C, *S) and ``target`` (N,), ``< 0`` for top-1."""
         graph = self._graph(explainer, image)
+        cuda_graph = replays_cuda_graphs(image.device)
         with torch.inference_mode():
-            if not replays_cuda_graphs(image.device):
-                logits, _saliency, attribution = graph(image, target)
-                return logits, attribution
-            torch.compiler.cudagraph_mark_step_begin()  # a new call: earlier outputs may be reused
+            if cuda_graph:
+                torch.compiler.cudagraph_mark_step_begin()  # a new call: earlier outputs may be reused
             logits, _saliency, attribution = graph(image, target)
-            return logits.clone(), attribution.clone()  # the next replay overwrites these buffers
+            if cuda_graph:  # the next replay overwrites these buffers
+                logits, attribution = logits.clone(), attribution.clone()
+        return logits, attribution
 
     def _graph(self, explainer, image: torch.Tensor):
         from .explicit import explicit_module
