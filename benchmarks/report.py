@@ -1,10 +1,11 @@
 """Assemble benchmarks/README.md from the results that the benchmark scripts wrote.
 
 Reads ``benchmarks/results/{speed,compile,peers,memory,scaling}.json`` (any may be missing: its
-section then says so) and, where present, ``benchmarks/results/gpu/*.json`` from ``benchmarks/gpu.sh`` and rewrites README.md: the machine and its caveats, issue 4's targets
-with PASS/MISS next to each measured ratio, the tables, the scaling plot and a paragraph on how
-cost grows with batch and image size. Nothing here measures; ``make bench`` runs the scripts
-first. ``python -m benchmarks.report --results DIR --out FILE`` for other places.
+section then says so) and, where present, ``benchmarks/results/gpu/*.json`` (``benchmarks/gpu.sh``),
+and rewrites README.md: the machine and its caveats, issue 4's targets with PASS/MISS next to each
+measured ratio, the tables, the scaling plot and a paragraph on how cost grows with batch and
+image size. Nothing here measures; ``make bench`` runs the scripts first.
+``python -m benchmarks.report --results DIR --out FILE`` for other places.
 """
 
 from __future__ import annotations

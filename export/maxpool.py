@@ -18,10 +18,7 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops import nn as torchlib_nn
 
-
-def _per_axis(value, spatial: int) -> list[int]:
-    values = [value] if isinstance(value, int) else list(value)
-    return values * spatial if len(values) == 1 else values
+from tsgb_fx.rules.box import per_axis
 
 
 def _max_pool_with_plane_indices(spatial: int, fallback):
@@ -29,13 +26,13 @@ def _max_pool_with_plane_indices(spatial: int, fallback):
                     dilation: Sequence[int] = (1,), ceil_mode: bool = False):
         if len(self.shape) != spatial + 2:  # unbatched input: torchlib handles it
             return fallback(self, kernel_size, stride, padding, dilation, ceil_mode)
-        kernel = _per_axis(kernel_size, spatial)
+        kernel = list(per_axis(kernel_size, spatial))
         values, flat_indices = op.MaxPool(
             self,
             kernel_shape=kernel,
-            strides=_per_axis(stride, spatial) if stride else kernel,
-            pads=_per_axis(padding, spatial) * 2,
-            dilations=_per_axis(dilation, spatial),
+            strides=list(per_axis(stride, spatial)) if stride else kernel,
+            pads=list(per_axis(padding, spatial)) * 2,
+            dilations=list(per_axis(dilation, spatial)),
             ceil_mode=int(bool(ceil_mode)),
         )
         batch_and_channels = op.Shape(self, start=0, end=2)

@@ -42,6 +42,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TSGBError
+from .rules.box import per_axis
 
 aten = torch.ops.aten
 
@@ -77,9 +78,9 @@ def _avg_pool_backward(spatial, grad, x, kernel_size, stride, padding, ceil_mode
     size + p)``, the window is clipped to ``[max(start, 0), min(end, size))`` and divided by
     ``prod(end - start)`` (count_include_pad) or by the product of the clipped lengths.
     """
-    kernel = _expand(kernel_size, spatial)
-    strides = _expand(stride, spatial) if stride else kernel
-    pads = _expand(padding, spatial)
+    kernel = per_axis(kernel_size, spatial)
+    strides = per_axis(stride, spatial) if stride else kernel
+    pads = per_axis(padding, spatial)
     matrices = []
     for axis in range(spatial):
         size, outputs = x.shape[axis - spatial], grad.shape[axis - spatial]
@@ -133,11 +134,6 @@ def _convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation
         ]
         grad_x = aten.convolution(grad, weight, None, stride, padding, dilation, True, extra, groups)
     return grad_x, None, None
-
-
-def _expand(value, n: int) -> list[int]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    return values * n if len(values) == 1 else values
 
 
 def _backward_decompositions() -> dict:
