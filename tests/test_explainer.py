@@ -212,6 +212,8 @@ def test_bad_target_is_refused_by_name(resnet_explainer, target, error, words):
         (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "floating-point"),
         (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
         (torch.tensor(float("inf")).expand(1, 3, 32, 32), ValueError, "infinite"),
+        (torch.randn(1, 3, 32, 32).index_fill_(3, torch.tensor([7]), float("nan")), ValueError, "NaN"),
+        (torch.tensor([float("inf"), -float("inf")]).repeat(1536).view(1, 3, 32, 32), ValueError, "infinite"),
         (torch.randn(1, 4, 32, 32), ValueError, "channels"),
         (torch.randn(1, 3, 32, 32, dtype=torch.float64), TypeError, "dtype"),
         (torch.randn(1, 3, 32, 32).numpy(), TypeError, "torch.Tensor"),
@@ -222,6 +224,13 @@ def test_bad_input_is_refused_by_name(resnet_explainer, x, error, words):
     with pytest.raises(error, match="x") as info:
         resnet_explainer(x)
     assert words in str(info.value)
+
+
+def test_finite_input_whose_sum_overflows_is_accepted(resnet_explainer):
+    """The finiteness check may not mistake an overflowing sum of finite values for bad input."""
+    x = torch.full((1, 3, 32, 32), 3e38)
+    assert not torch.isfinite(x.sum()) and torch.isfinite(x).all()
+    assert resnet_explainer(x).saliency.shape == (1, 1, 32, 32)
 
 
 def test_bad_options_are_refused_by_name():

@@ -212,6 +212,36 @@ def test_folded_batch_norm_stops_relevance_where_the_conv_output_is_zero(conv_gr
     torch.testing.assert_close((folded * x).sum(), (g * folded_out * live).sum())
 
 
+@pytest.mark.parametrize("signal", ["broadcast", "full"])
+def test_fold_with_mask_and_clamp_sums_in_chunks_like_the_separate_rules(signal, monkeypatch):
+    """The fold's relevance ``g * carrier(y) * live``, formed image by image in eager mode
+    (one image per chunk here), for a signal broadcast over the channels (what a rectified
+    TSGB-Conv sends back) and for a full one: autograd through ReLU6 then the two separate
+    rules gives the same signal."""
+    monkeypatch.setattr(conv_module, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(7)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    x = torch.rand(3, 4, 7, 7)
+    x[0, 1] = 0.0  # a dead channel in one image
+    bn = _random_batch_norm(4)
+    with torch.no_grad():
+        bn.weight.mul_(8)  # some units saturate at 6
+        bn.running_mean[1], bn.bias[1] = 0.0, 3.0  # the dead channel's output is 3: relevance the mask stops
+    statistics = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    args = (conv.weight, None, 1, 1, 1, 4)
+    g = torch.randn(3, 1, 7, 7).expand(3, 4, 7, 7) if signal == "broadcast" else torch.randn(3, 4, 7, 7)
+    folded_out, folded = rule_gradient(
+        tsgb_conv, x, g, *args, batch_norm=statistics, output_clamp=(0.0, 6.0)
+    )
+    assert (folded_out == 6).any() and (folded_out[0, 1] == 3).all()
+
+    def separate_rules(x):
+        return F.relu6(ratio_batch_norm(tsgb_conv(x, *args), *statistics))
+
+    _, separate = rule_gradient(separate_rules, x, g.contiguous())
+    torch.testing.assert_close(folded, separate, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("conv_groups", ["reference", "layer"])
 @pytest.mark.parametrize("case", ["plain", "groups", "depthwise", "pointwise-stride2-odd"])
 def test_tsgb_conv_with_a_broadcast_signal_matches_the_formula(case, conv_groups):

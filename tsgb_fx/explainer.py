@@ -216,7 +216,7 @@ class Explainer(nn.Module):
                     f"x is on {x.device} but the model's parameters are on {reference.device}: pass "
                     f"x.to('{reference.device}') or move the explainer with e.to('{x.device}')"
                 )
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise ValueError("x contains NaN or infinite values")
 
     @staticmethod
@@ -365,3 +365,13 @@ def explainer(
         times_input=chosen.times_input,
         compiled=_check_flag("compile", compile),
     )
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or infinity in ``x``, in one reduction for the usual finite input.
+
+    A NaN or an infinity makes the sum NaN or infinite, so a finite sum proves ``x`` finite; only
+    a non-finite sum (which finite values can also give, by overflow) needs the elementwise
+    check, which makes several full-size temporaries (3.3 ms against 0.15 ms for 8x3x224x224).
+    """
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())

@@ -35,6 +35,11 @@ def relevance_carrier(out: torch.Tensor, clamp: Clamp | None) -> torch.Tensor:
     rectifier's own backward applied to ``out`` (``out`` where ``0 < out < max``, else 0; at
     ``out == 0`` both are 0): one fused pass, half the time of arithmetic on the sign.
     """
-    if clamp is None or clamp[1] is None:
+    if carries_output(clamp):
         return out
     return torch.ops.aten.hardtanh_backward(out, out, clamp[0], clamp[1])
+
+
+def carries_output(clamp: Clamp | None) -> bool:
+    """The carrier is ``out`` itself: no rectifier folded in, or one without an upper bound (ReLU)."""
+    return clamp is None or clamp[1] is None
