@@ -16,9 +16,7 @@ about a fifth of its time in onnxruntime on a CPU, and both have exact replaceme
   ``Mul`` over the same tensor (39 ms against 3.6 ms for 8x256x56x56 floats on this machine's
   CPU), so ``where(mask, 0, v)`` becomes ``v * float(not mask)`` and ``where(y <= 0, 0, g)``
   becomes ``g * float(y > 0)``: the same numbers wherever ``v`` is finite, which every signal of
-  the rules is (their divisions are stabilised). Where ``y`` is a ReLU's output (never negative)
-  ``float(y > 0)`` is ``sign(y)``: one ``Sign`` node instead of a ``Greater`` and a ``Cast``
-  (16 masks of ResNet-50 at batch 8: 50 ms of comparisons and casts).
+  the rules is (their divisions are stabilised).
 
 Shapes are read from the nodes' ``meta["val"]`` (make_fx records them, symbolic batch
 included); a rewrite whose shapes cannot be proven equal without a new guard is skipped.
@@ -146,12 +144,6 @@ def _zero_scalar(arg) -> bool:
             and _shape(arg) == ())
 
 
-def _positive_part_of_relu(mask) -> bool:
-    """``mask`` is ``relu(t) > 0``: where ``float(mask)`` equals ``sign(relu(t))``."""
-    return (isinstance(mask, fx.Node) and mask.target is aten.gt.Scalar and mask.args[1] == 0
-            and isinstance(mask.args[0], fx.Node) and mask.args[0].target is aten.relu.default)
-
-
 def _where_as_product(graph: fx.Graph, node: fx.Node) -> None:
     """``where(mask, 0, v)`` -> ``v * float(not mask)``; ``where(mask, v, 0)`` -> ``v * float(mask)``."""
     mask, when_true, when_false = node.args
@@ -175,10 +167,7 @@ def _where_as_product(graph: fx.Graph, node: fx.Node) -> None:
             keep = graph.call_function(NEGATED_COMPARISON[mask.target], mask.args)  # y <= 0 -> y > 0
         else:
             keep = graph.call_function(aten.logical_not.default, (mask,))
-        if _positive_part_of_relu(keep):
-            factor = graph.call_function(aten.sign.default, (keep.args[0],))  # y >= 0: sign(y) = float(y > 0)
-        else:
-            factor = graph.call_function(aten._to_copy.default, (keep,), {"dtype": dtype})
+        factor = graph.call_function(aten._to_copy.default, (keep,), {"dtype": dtype})
         product = graph.call_function(aten.mul.Tensor, (value, factor))
     product.meta = dict(node.meta)
     node.replace_all_uses_with(product)

@@ -80,9 +80,6 @@ def test_lowered_graph_gives_the_same_maps_without_broadcasts_or_where_masks():
 
     lowered = lower_for_onnx(graph)
     assert _patterns(lowered) == dict.fromkeys(before, 0)
-    relu_masks = [node for node in lowered.graph.nodes if node.target is aten.sign.default
-                  and node.args[0].target is aten.relu.default]
-    assert len(relu_masks) == 2  # the masks of the two blocks' final ReLUs: sign(relu(t)), no compare + cast
     logits, saliency = lowered(images, target)
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
     assert relative_error(saliency, expected_saliency) < 1e-14
