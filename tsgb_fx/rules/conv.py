@@ -148,7 +148,7 @@ class TSGBConvFunction(torch.autograd.Function):
         live = None
         if batch_norm is not None:
             if groups > 1 and conv_groups == "reference":  # see tsgb_conv: where a zero output matters
-                live = y.sign().abs_()  # 1 where y != 0, else 0; a float mask: multiplies 7x faster than where
+                live = nonzero_mask(y)
             y = inference_batch_norm(y, *batch_norm)
         out = rectify_(y, output_clamp)
         ctx.save_for_backward(x, out, live)
@@ -168,6 +168,18 @@ class TSGBConvFunction(torch.autograd.Function):
                 x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified, ctx.output_clamp, live
             )
         return g_x, None, None, None, None, None, None, None, None
+
+
+def nonzero_mask(y: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``y != 0``, else 0.0, in ``y``'s dtype: a mask that is applied by ``mul_``.
+
+    Eagerly ``sign(y).abs_()``: with the product it takes 0.4 ms where ``eq`` then ``where``
+    took 1.7 ms (96x112x112 floats, CPU). Traced, a compare and a cast: onnxruntime's ``Sign``
+    kernel is scalar, several times slower than ``Greater`` plus ``Cast``.
+    """
+    if is_traced(y):
+        return (y != 0).to(y.dtype)
+    return y.sign().abs_()
 
 
 @lru_cache(maxsize=1024)
