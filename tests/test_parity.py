@@ -184,3 +184,20 @@ def test_batch_norms_fold_into_the_convolution_they_follow():
     convs = [node for node in kept.graph_module.graph.nodes if node.target is tsgb_fx.rules.tsgb_conv]
     assert [node.kwargs.get("batch_norm") is not None for node in convs] == [False] + [True] * 19
     assert "bn1" in {str(node.target) for node in kept.graph_module.graph.nodes if node.op == "call_module"}
+
+
+def test_silus_fold_and_tsgb_readers_leave_the_sign_to_them():
+    """efficientnet_b0's 49 SiLUs each follow a batch norm that follows a conv: all fold into
+    it. The 32 read only by a convolution (expansion -> depthwise, squeeze-excitation fc1 -> fc2,
+    stem -> first depthwise) hand the sign upstream; those read by the squeeze-excitation's
+    product or the pooling keep it. The maps stay the reference's (test_torchvision_model_matches_reference
+    and the property tests compare folded SiLU nets with the independent reference)."""
+    explainer = tsgb_fx.explainer(torchvision.models.efficientnet_b0().eval())
+    convs = [node for node in explainer.graph_module.graph.nodes if node.target is tsgb_fx.rules.tsgb_conv]
+    folded = [node for node in convs if node.kwargs.get("output_activation") == "silu"]
+    unsigned = [node for node in folded if node.kwargs["activation_unsigned"]]
+    assert len(folded) == 49 and len(unsigned) == 32
+    readers = [node for node in convs if node.kwargs.get("input_sign_upstream")]
+    assert {node.kwargs["x"] for node in readers} == set(unsigned)
+    assert all(len(node.users) == 1 for node in unsigned)
+    assert sum(site.kind == "silu" and site.rule == "gradient" for site in explainer.rules.values()) == 49

@@ -212,6 +212,70 @@ def test_folded_batch_norm_stops_relevance_where_the_conv_output_is_zero(conv_gr
     torch.testing.assert_close((folded * x).sum(), (g * folded_out * live).sum())
 
 
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+@pytest.mark.parametrize("case", ["plain", "depthwise", "conv3d"])
+def test_silu_folded_into_tsgb_conv_is_the_op_then_its_plain_silu(case, conv_groups, monkeypatch):
+    """conv, ratio-rule BN and a SiLU as one op (relevance formed a chunk at a time): autograd
+    through the same op without the SiLU, then torch's own SiLU, sends the same signal."""
+    monkeypatch.setattr(conv_module, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(8)
+    ndim, cin, cout, size, kwargs = CONV_CASES[case]
+    conv, x = _conv_case(ndim, cin, cout, size, **kwargs)
+    bn = _random_batch_norm(cout, ndim)
+    statistics = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    g = torch.randn_like(conv(x))
+    folded_out, folded = rule_gradient(
+        tsgb_conv, x, g, *args, conv_groups=conv_groups, batch_norm=statistics, output_activation="silu"
+    )
+
+    def then_silu(x):
+        return F.silu(tsgb_conv(x, *args, conv_groups=conv_groups, batch_norm=statistics))
+
+    separate_out, separate = rule_gradient(then_silu, x, g)
+    torch.testing.assert_close(folded_out, separate_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(folded, separate, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
+@pytest.mark.parametrize("reader", ["plain", "depthwise", "reflect", "replicate", "same-even-kernel", "groups"])
+def test_sign_moved_upstream_gives_the_signed_pair(reader, conv_groups):
+    """A SiLU-folded op whose only reader is a TSGB-Conv: the reader sends BoxT(r) without
+    sign(a) and the op applies the sign (|y| in its carrier). The pair sends the signal that the
+    two ops send with the sign where TSGB.md puts it, also through the reader's explicit pads."""
+    torch.manual_seed(9)
+    _ndim, channels, cout, size, kwargs = CONV_CASES[reader]
+    first = nn.Conv2d(3, channels, 3, padding=1)
+    second = nn.Conv2d(channels, cout, **kwargs)
+    x = torch.randn(2, 3, *size)
+    bn = _random_batch_norm(channels)
+    statistics = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    first_args = (first.weight, first.bias, 1, 1)
+    second_args = (second.weight, second.bias, second.stride, second.padding, second.dilation, second.groups,
+                   second.padding_mode)
+
+    def moved(x):
+        a = tsgb_conv(x, *first_args, batch_norm=statistics, output_activation="silu", activation_unsigned=True)
+        return tsgb_conv(a, *second_args, conv_groups=conv_groups, input_sign_upstream=True)
+
+    def signed(x):
+        a = F.silu(tsgb_conv(x, *first_args, batch_norm=statistics))
+        return tsgb_conv(a, *second_args, conv_groups=conv_groups)
+
+    g = torch.randn_like(second(first(x)))
+    out, g_x = rule_gradient(moved, x, g)
+    expected_out, expected = rule_gradient(signed, x, g)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_x, expected, rtol=1e-9, atol=1e-12)
+    assert (F.silu(bn(first(x))) < 0).any()  # negative activations: the sign matters
+
+
+def test_output_activation_other_than_silu_is_refused_by_name():
+    conv = nn.Conv2d(2, 2, 3)
+    with pytest.raises(ValueError, match="output_activation"):
+        tsgb_conv(torch.randn(1, 2, 5, 5), conv.weight, output_activation="gelu")
+
+
 @pytest.mark.parametrize("signal", ["broadcast", "full"])
 def test_fold_with_mask_and_clamp_sums_in_chunks_like_the_separate_rules(signal, monkeypatch):
     """The fold's relevance ``g * carrier(y) * live``, formed image by image in eager mode

@@ -46,7 +46,7 @@ from .rules.conv import CONV_GROUPS, tsgb_conv
 from .rules.linear import tsgb_linear
 from .rules.relu import deconvnet_relu, guided_relu
 
-RULE_KINDS = ("conv", "classifier", "linear", "batchnorm", "avgpool", "relu")
+RULE_KINDS = ("conv", "classifier", "linear", "batchnorm", "avgpool", "relu", "silu")
 CLASSIFIER_CHOICES = ("last", "all")
 
 

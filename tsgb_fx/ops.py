@@ -17,6 +17,7 @@ batchnorm  x, running_mean, running_var, weight, bias, eps
 avgpool    x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
 relu       x, min_val, max_val: the rectifier ``clamp(x, min_val, max_val)``; ReLU is (0.0, None),
            ReLU6 (0.0, 6.0), Hardtanh its bounds (floats; ``max_val=None`` means unbounded)
+silu       x: ``x * sigmoid(x)`` (no method gives it a rule; the rewrite folds it into TSGB-Conv)
 ========== =====================================================================================
 
 The rule functions of :mod:`tsgb_fx.rules` take exactly these keywords (plus their options).
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-KINDS = ("conv", "linear", "batchnorm", "avgpool", "relu")
+KINDS = ("conv", "linear", "batchnorm", "avgpool", "relu", "silu")
 aten = torch.ops.aten
 
 
@@ -84,6 +85,7 @@ _FUNCTIONS = {
     torch.relu: ("relu", ("x",), {"min_val": 0.0, "max_val": None}),
     F.relu6: ("relu", ("x", "inplace"), {"min_val": 0.0, "max_val": 6.0}),
     F.hardtanh: ("relu", ("x", "min_val", "max_val", "inplace"), {"min_val": -1.0, "max_val": 1.0}),
+    F.silu: ("silu", ("x", "inplace"), {}),
 }
 
 # Tensor methods (call_method nodes): (kind, positional names after self, defaults)
@@ -108,6 +110,7 @@ _ATEN = {
     aten.relu: "relu",
     aten.relu6: "relu",
     aten.hardtanh: "relu",
+    aten.silu: "silu",
 }
 
 # A standard layer's forward -> its kind; also tells the tracer which modules to keep whole.
@@ -123,6 +126,7 @@ LAYER_FORWARDS = {
     nn.AvgPool3d.forward: "avgpool",
     nn.ReLU.forward: "relu",
     nn.Hardtanh.forward: "relu",  # nn.ReLU6 is a Hardtanh(0, 6)
+    nn.SiLU.forward: "silu",
 }
 
 
@@ -168,6 +172,8 @@ def _module_site(node: fx.Node, module: nn.Module, kind: str) -> OpSite:
     if kind == "relu":
         bounds = (0.0, None) if isinstance(module, nn.ReLU) else (float(module.min_val), float(module.max_val))
         return OpSite(kind, node, dict(x=x, min_val=bounds[0], max_val=bounds[1]), path)
+    if kind == "silu":
+        return OpSite(kind, node, dict(x=x), path)
     arguments = dict(
         x=x, kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
         ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
@@ -186,6 +192,8 @@ def _function_site(node: fx.Node, kind: str, bound: dict[str, Any]) -> OpSite | 
     elif kind == "relu":
         maximum = bound.get("max_val")
         arguments = dict(x=bound["x"], min_val=float(bound["min_val"]), max_val=None if maximum is None else float(maximum))
+    elif kind == "silu":
+        arguments = dict(x=bound["x"])
     elif kind == "batchnorm":
         arguments = {name: bound.get(name) for name in ("x", "running_mean", "running_var", "weight", "bias")}
         arguments["eps"] = bound["eps"]
@@ -232,7 +240,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module]) -> OpSite | None:
 
 
 def find_op_sites(graph_module: fx.GraphModule) -> list[OpSite]:
-    """Every node of a known kind (conv, linear, batch norm, average pooling, rectifier), in graph order."""
+    """Every node of a known kind (conv, linear, batch norm, average pooling, rectifier, SiLU), in graph order."""
     modules = dict(graph_module.named_modules())
     sites = []
     for node in graph_module.graph.nodes:

@@ -165,7 +165,7 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
     wins over the node's kind. Raises ValueError for a key that is neither, and for a rule whose
     function does not take the arguments of the op it would replace.
 
-    Three graph facts are passed to rule functions that name them as parameters:
+    Graph facts are passed to rule functions that name them as parameters:
 
     * ``batch_norm``: the op's only user is a batch norm with the built-in ratio rule; it is
       folded into the op, which receives its arguments (TSGB-Conv, :func:`tsgb_fx.rules.conv.tsgb_conv`);
@@ -173,7 +173,12 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
       the only user of the rule op (or of its folded batch norm); it is folded into the op, which
       applies it in place and keeps the rectified output (:mod:`tsgb_fx.rules.rectify`);
     * ``input_rectified``: the op's input is such a rectifier's output (folded or not), so it is
-      non-negative and gets no signal where it is 0 (TSGB-Conv skips ``|x|`` and ``sign(x)``).
+      non-negative and gets no signal where it is 0 (TSGB-Conv skips ``|x|`` and ``sign(x)``);
+    * ``output_activation="silu"``: a SiLU with its plain gradient is the only user of the rule op
+      (or of its folded batch norm) and is folded in, like a rectifier; ``activation_unsigned``:
+      that SiLU's only reader is a rule op that takes ``input_sign_upstream``, which is then set
+      there: the reader sends its signal without ``sign(x)`` and the folded op applies it
+      (:mod:`tsgb_fx.rules.silu`).
 
     None changes a map (the batch norm fold up to the ratio rule's ``eps``); they save passes
     over activations and memory. The returned RuleSites still list every folded op with its rule.
@@ -198,7 +203,13 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
     relevance_passing = {
         site.node: site for site in sites if site.kind == "batchnorm" and _passes_relevance(chosen[site.node][1])
     }
+    plain_silus = {site.node: site for site in sites if site.kind == "silu" and chosen[site.node][1] is None}
+    sign_takers = {
+        site.node: site for site in sites
+        if chosen[site.node][1] is not None and _takes(chosen[site.node][1], "input_sign_upstream")
+    }
     rectified_outputs = set(plain_rectifiers)
+    unsigned_outputs: set[fx.Node] = set()
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
         kind, rule = chosen[site.node]
@@ -210,6 +221,10 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
         rectifier = _only_user(chain[-1].node, plain_rectifiers) if _takes(rule, "output_clamp") else None
         if rectifier is not None:
             chain.append(rectifier)
+        silu = _only_user(chain[-1].node, plain_silus) if rectifier is None and _takes(rule, "output_activation") else None
+        unsigned = silu is not None and _only_user(silu.node, sign_takers) is not None
+        if silu is not None:
+            chain.append(silu)
         with graph.inserting_before(chain[-1].node):  # every op of the chain has its inputs by then
             arguments = {name: _materialise(graph, value, replaced) for name, value in site.arguments.items()}
             if _takes(rule, "input_rectified"):
@@ -220,6 +235,10 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
                 )
             if rectifier is not None:
                 arguments["output_clamp"] = (0.0, rectifier.arguments["max_val"])
+            if silu is not None:
+                arguments["output_activation"], arguments["activation_unsigned"] = "silu", unsigned
+            if _takes(rule, "input_sign_upstream") and arguments.get("x") in unsigned_outputs:
+                arguments["input_sign_upstream"] = True
             replacement = graph.call_function(rule.function, kwargs={**arguments, **rule.options})
         replacement.meta = dict(site.node.meta)
         for folded in reversed(chain):  # last first: each op's only user is gone before the op itself
@@ -228,6 +247,8 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
             graph.erase_node(folded.node)
         if rectifier is not None:
             rectified_outputs.add(replacement)
+        if unsigned:
+            unsigned_outputs.add(replacement)
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .batchnorm import inference_batch_norm
 from .box import WindowGeometry, box, box_transpose, per_axis
 from .rectify import carries_output, rectify_, relevance_carrier
+from .silu import SiLUFold
 from .tracing import is_traced
 
 EPS = 1e-10
@@ -41,6 +42,7 @@ CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: products larger than this are summe
 CONV_GROUPS = ("reference", "layer")
 
 CONV_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+SILU_FOLDS = {unsigned: SiLUFold(unsigned) for unsigned in (False, True)}
 
 
 def tsgb_conv_backward(
@@ -51,37 +53,42 @@ def tsgb_conv_backward(
     groups: int,
     conv_groups: str,
     input_rectified: bool = False,
-    output_clamp=None,
+    output_fold=None,
     live: torch.Tensor | None = None,
+    input_sign_upstream: bool = False,
 ) -> torch.Tensor:
     """The signal TSGB-Conv sends to ``x``, a pure function of (x, y, g) and the geometry.
 
-    ``y`` is the op's saved output. Where the rewrite folded ops into this one, the relevance
-    at the output is ``g * carrier(y) * live`` rather than ``g * y``: ``carrier`` undoes a
-    folded rectifier (:func:`tsgb_fx.rules.rectify.relevance_carrier`) and ``live`` is the
-    batch-norm fold's mask of nonzero convolution outputs (:func:`tsgb_conv`).
+    ``y`` is the op's saved output (before a folded SiLU). Where the rewrite folded ops into
+    this one, the relevance at the output is ``g * carrier(y) * live`` rather than ``g * y``:
+    ``carrier`` undoes the activation folded in as ``output_fold`` (a rectifier's clamp,
+    :func:`tsgb_fx.rules.rectify.relevance_carrier`, or a :class:`~tsgb_fx.rules.silu.SiLUFold`)
+    and ``live`` is the batch-norm fold's mask of nonzero convolution outputs (:func:`tsgb_conv`).
 
     ``input_rectified``: ``x`` is the output of a rectifier (ReLU, ReLU6) that keeps its plain
     gradient. Then ``|x| = x``, and ``sign(x)`` is 1 except where ``x == 0``, exactly where the
     rectifier's own backward zeroes the signal anyway; so ``BoxT(r)`` is sent as a broadcast view,
     saving three passes over ``x`` (``abs``, ``sign``, the product) with the same map.
+
+    ``input_sign_upstream``: ``x`` is a folded SiLU's output read by this op alone, and that op
+    multiplies by ``sign(x)`` itself (:mod:`tsgb_fx.rules.silu`); ``BoxT(r)`` is sent unsigned.
     """
     rule_groups = groups if conv_groups == "layer" else 1
-    relevance = relevance_sums(g, y, output_clamp, live, rule_groups)  # c: (N, G, *S_out)
+    relevance = relevance_sums(g, y, output_fold, live, rule_groups)  # c: (N, G, *S_out)
     if input_rectified:  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower than abs then sum
         mass = group_sums(x, rule_groups)
     else:
         mass = channel_sums(torch.abs, (x,), rule_groups)
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
     spread = box_transpose(ratio, geometry, x.shape[2:])  # BoxT(r): (N, G, *S_in)
-    if input_rectified and rule_groups == 1:
+    if (input_rectified or input_sign_upstream) and rule_groups == 1:
         return spread.expand_as(x)
-    if input_rectified:
+    if input_rectified or input_sign_upstream:
         return spread.repeat_interleave(x.shape[1] // rule_groups, dim=1)
     return x.sign().unflatten(1, (rule_groups, -1)).mul_(spread.unsqueeze(2)).flatten(1, 2)
 
 
-def relevance_sums(g, y, output_clamp, live, groups: int) -> torch.Tensor:
+def relevance_sums(g, y, output_fold, live, groups: int) -> torch.Tensor:
     """``c = sum over each group's output channels of g * carrier(y) * live``: (N, groups, *S).
 
     A ``g`` that is one map broadcast over the channels (stride 0: what a rectified TSGB-Conv
@@ -90,16 +97,16 @@ def relevance_sums(g, y, output_clamp, live, groups: int) -> torch.Tensor:
     eager mode they never make a full-size temporary either.
     """
     broadcast = g.stride(1) == 0
-    if broadcast and live is None and carries_output(output_clamp):
+    if broadcast and live is None and not isinstance(output_fold, SiLUFold) and carries_output(output_fold):
         return g.narrow(1, 0, 1) * group_sums(y, groups)  # the carrier is y itself: nothing to form
     tensors = (y, live, None if broadcast else g)
-    sums = channel_sums(partial(_unit_relevance, output_clamp=output_clamp), tensors, groups)
+    sums = channel_sums(partial(_unit_relevance, output_fold=output_fold), tensors, groups)
     return g.narrow(1, 0, 1) * sums if broadcast else sums
 
 
-def _unit_relevance(y, live, g, output_clamp):
+def _unit_relevance(y, live, g, output_fold):
     """``carrier(y) * live * g`` (each factor only where given), as a fresh tensor."""
-    weight = relevance_carrier(y, output_clamp)
+    weight = output_fold.carrier(y) if isinstance(output_fold, SiLUFold) else relevance_carrier(y, output_fold)
     fresh = weight is not y
     for factor in (live, g):
         if factor is not None:
@@ -139,20 +146,27 @@ class TSGBConvFunction(torch.autograd.Function):
     """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights.
 
     ``batch_norm``: the arguments of a ratio-rule batch norm folded in after the convolution
-    (see :func:`tsgb_conv`); ``output_clamp`` a rectifier folded in after that.
+    (see :func:`tsgb_conv`); ``output_fold`` an activation folded in after that: a rectifier's
+    clamp or a :class:`~tsgb_fx.rules.silu.SiLUFold`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geometry, groups, conv_groups, input_rectified, batch_norm, output_clamp):
+    def forward(ctx, x, weight, bias, geometry, groups, conv_groups, input_rectified, batch_norm, output_fold,
+                input_sign_upstream):
         y = CONV_BY_NDIM[x.dim() - 2](x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, groups)
         live = None
         if batch_norm is not None:
             if groups > 1 and conv_groups == "reference":  # see tsgb_conv: where a zero output matters
                 live = nonzero_mask(y)
             y = inference_batch_norm(y, *batch_norm)
-        out = rectify_(y, output_clamp)
-        ctx.save_for_backward(x, out, live)
-        ctx.output_clamp = output_clamp
+        if isinstance(output_fold, SiLUFold):
+            out = output_fold.apply(y)
+            ctx.save_for_backward(x, y, live)  # its carrier reads y
+        else:
+            out = rectify_(y, output_fold)
+            ctx.save_for_backward(x, out, live)
+        ctx.output_fold = output_fold
+        ctx.input_sign_upstream = input_sign_upstream
         ctx.geometry = geometry
         ctx.groups = groups
         ctx.conv_groups = conv_groups
@@ -165,9 +179,10 @@ class TSGBConvFunction(torch.autograd.Function):
         g_x = None
         if ctx.needs_input_grad[0]:
             g_x = tsgb_conv_backward(
-                x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified, ctx.output_clamp, live
+                x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified, ctx.output_fold, live,
+                ctx.input_sign_upstream,
             )
-        return g_x, None, None, None, None, None, None, None, None
+        return g_x, None, None, None, None, None, None, None, None, None
 
 
 def nonzero_mask(y: torch.Tensor) -> torch.Tensor:
@@ -219,7 +234,8 @@ def _hashable(value):
 
 
 def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-              conv_groups="reference", input_rectified=False, batch_norm=None, output_clamp=None):
+              conv_groups="reference", input_rectified=False, batch_norm=None, output_clamp=None,
+              output_activation=None, activation_unsigned=False, input_sign_upstream=False):
     """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
 
     Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
@@ -246,12 +262,19 @@ def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, p
     Equal to the two rules one after the other wherever ``|y_conv| >= eps``.
 
     ``output_clamp``: the rewrite folded the plain ReLU/ReLU6 that follows into this op
-    (:mod:`tsgb_fx.rules.rectify`).
+    (:mod:`tsgb_fx.rules.rectify`). ``output_activation="silu"``: it folded the plain SiLU that
+    follows, and ``activation_unsigned``: that SiLU's only reader is a TSGB-Conv that leaves
+    ``sign`` to this op, which it does with ``input_sign_upstream`` (:mod:`tsgb_fx.rules.silu`).
     """
+    if output_activation not in (None, "silu"):
+        raise ValueError(f"output_activation must be None or 'silu', got {output_activation!r}")
+    output_fold = output_clamp if output_activation is None else SILU_FOLDS[bool(activation_unsigned)]
     window, pad = layer_geometry(
         tuple(weight.shape[2:]), _hashable(stride), _hashable(padding), _hashable(dilation), padding_mode
     )
     if pad is not None:
         x = F.pad(x, pad[0], mode=pad[1])
     rectified = input_rectified and pad is None
-    return TSGBConvFunction.apply(x, weight, bias, window, groups, conv_groups, rectified, batch_norm, output_clamp)
+    return TSGBConvFunction.apply(
+        x, weight, bias, window, groups, conv_groups, rectified, batch_norm, output_fold, input_sign_upstream
+    )
