@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .batchnorm import inference_batch_norm
 from .box import WindowGeometry, box, box_transpose, per_axis
-from .rectify import carries_output, rectify_, relevance_carrier
+from .rectify import RectifierFold
 from .silu import SiLUFold
 from .tracing import is_traced
 
@@ -61,8 +61,8 @@ def tsgb_conv_backward(
 
     ``y`` is the op's saved output (before a folded SiLU). Where the rewrite folded ops into
     this one, the relevance at the output is ``g * carrier(y) * live`` rather than ``g * y``:
-    ``carrier`` undoes the activation folded in as ``output_fold`` (a rectifier's clamp,
-    :func:`tsgb_fx.rules.rectify.relevance_carrier`, or a :class:`~tsgb_fx.rules.silu.SiLUFold`)
+    ``carrier`` undoes the activation folded in as ``output_fold`` (a
+    :class:`~tsgb_fx.rules.rectify.RectifierFold` or a :class:`~tsgb_fx.rules.silu.SiLUFold`)
     and ``live`` is the batch-norm fold's mask of nonzero convolution outputs (:func:`tsgb_conv`).
 
     ``input_rectified``: ``x`` is the output of a rectifier (ReLU, ReLU6) that keeps its plain
@@ -97,7 +97,7 @@ def relevance_sums(g, y, output_fold, live, groups: int) -> torch.Tensor:
     eager mode they never make a full-size temporary either.
     """
     broadcast = g.stride(1) == 0
-    if broadcast and live is None and not isinstance(output_fold, SiLUFold) and carries_output(output_fold):
+    if broadcast and live is None and (output_fold is None or output_fold.carries_output):
         return g.narrow(1, 0, 1) * group_sums(y, groups)  # the carrier is y itself: nothing to form
     tensors = (y, live, None if broadcast else g)
     sums = channel_sums(partial(_unit_relevance, output_fold=output_fold), tensors, groups)
@@ -106,7 +106,7 @@ def relevance_sums(g, y, output_fold, live, groups: int) -> torch.Tensor:
 
 def _unit_relevance(y, live, g, output_fold):
     """``carrier(y) * live * g`` (each factor only where given), as a fresh tensor."""
-    weight = output_fold.carrier(y) if isinstance(output_fold, SiLUFold) else relevance_carrier(y, output_fold)
+    weight = y if output_fold is None else output_fold.carrier(y)
     fresh = weight is not y
     for factor in (live, g):
         if factor is not None:
@@ -146,8 +146,8 @@ class TSGBConvFunction(torch.autograd.Function):
     """Ordinary convolution forward; TSGB-Conv backward to the input, nothing to the weights.
 
     ``batch_norm``: the arguments of a ratio-rule batch norm folded in after the convolution
-    (see :func:`tsgb_conv`); ``output_fold`` an activation folded in after that: a rectifier's
-    clamp or a :class:`~tsgb_fx.rules.silu.SiLUFold`.
+    (see :func:`tsgb_conv`); ``output_fold`` an activation folded in after that: a
+    :class:`~tsgb_fx.rules.rectify.RectifierFold` or a :class:`~tsgb_fx.rules.silu.SiLUFold`.
     """
 
     @staticmethod
@@ -159,12 +159,8 @@ class TSGBConvFunction(torch.autograd.Function):
             if groups > 1 and conv_groups == "reference":  # see tsgb_conv: where a zero output matters
                 live = nonzero_mask(y)
             y = inference_batch_norm(y, *batch_norm)
-        if isinstance(output_fold, SiLUFold):
-            out = output_fold.apply(y)
-            ctx.save_for_backward(x, y, live)  # its carrier reads y
-        else:
-            out = rectify_(y, output_fold)
-            ctx.save_for_backward(x, out, live)
+        out, kept = (y, y) if output_fold is None else output_fold.apply(y)
+        ctx.save_for_backward(x, kept, live)
         ctx.output_fold = output_fold
         ctx.input_sign_upstream = input_sign_upstream
         ctx.geometry = geometry
@@ -229,6 +225,11 @@ def layer_geometry(kernel_size, stride, padding, dilation, padding_mode):
     return WindowGeometry(tuple(kernel_size), stride, padding, dilation), pad
 
 
+@lru_cache(maxsize=None)
+def _rectifier_fold(clamp) -> RectifierFold:
+    return RectifierFold(clamp)
+
+
 def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
@@ -268,7 +269,10 @@ def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, p
     """
     if output_activation not in (None, "silu"):
         raise ValueError(f"output_activation must be None or 'silu', got {output_activation!r}")
-    output_fold = output_clamp if output_activation is None else SILU_FOLDS[bool(activation_unsigned)]
+    if output_activation is not None:
+        output_fold = SILU_FOLDS[bool(activation_unsigned)]
+    else:
+        output_fold = None if output_clamp is None else _rectifier_fold(tuple(output_clamp))
     window, pad = layer_geometry(
         tuple(weight.shape[2:]), _hashable(stride), _hashable(padding), _hashable(dilation), padding_mode
     )

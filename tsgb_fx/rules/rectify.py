@@ -14,6 +14,8 @@ are gone, and ``out`` is the tensor the next op saves anyway (nothing extra stay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 Clamp = tuple  # (min_val, max_val): (0.0, None) for ReLU, (0.0, 6.0) for ReLU6
@@ -43,3 +45,26 @@ def relevance_carrier(out: torch.Tensor, clamp: Clamp | None) -> torch.Tensor:
 def carries_output(clamp: Clamp | None) -> bool:
     """The carrier is ``out`` itself: no rectifier folded in, or one without an upper bound (ReLU)."""
     return clamp is None or clamp[1] is None
+
+
+@dataclass(frozen=True)
+class RectifierFold:
+    """A plain rectifier folded into a TSGB-Conv op, in the interface of every output fold.
+
+    ``apply(y)`` gives the op's output and the tensor it keeps for the backward (here both the
+    rectified output, clamped in place); ``carrier(kept)`` what the signal at the output is
+    multiplied by for the relevance; ``carries_output``: the carrier is the kept tensor itself.
+    """
+
+    clamp: Clamp
+
+    def apply(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = rectify_(y, self.clamp)
+        return out, out
+
+    def carrier(self, out: torch.Tensor) -> torch.Tensor:
+        return relevance_carrier(out, self.clamp)
+
+    @property
+    def carries_output(self) -> bool:
+        return carries_output(self.clamp)

@@ -31,14 +31,17 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class SiLUFold:
-    """The SiLU after a TSGB-Conv op, folded in. ``unsigned``: its only reader, a TSGB-Conv, sends
-    ``BoxT(r)`` without ``sign(a)`` and leaves the sign to this op."""
+    """The SiLU after a TSGB-Conv op, folded in (the interface of
+    :class:`tsgb_fx.rules.rectify.RectifierFold`). ``unsigned``: its only reader, a TSGB-Conv,
+    sends ``BoxT(r)`` without ``sign(a)`` and leaves the sign to this op."""
 
     unsigned: bool = False
+    carries_output = False  # the carrier is silu_backward(y or |y|, y), never y itself
 
     @staticmethod
-    def apply(y: torch.Tensor) -> torch.Tensor:
-        return F.silu(y)
+    def apply(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the output ``silu(y)``, the kept ``y``, which the carrier reads)."""
+        return F.silu(y), y
 
     def carrier(self, y: torch.Tensor) -> torch.Tensor:
         """What the op multiplies the signal at ``a`` by to get the relevance at ``y``, fresh."""
