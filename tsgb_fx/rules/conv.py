@@ -42,7 +42,6 @@ CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32: products larger than this are summe
 CONV_GROUPS = ("reference", "layer")
 
 CONV_BY_NDIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-SILU_FOLDS = {unsigned: SiLUFold(unsigned) for unsigned in (False, True)}
 
 
 def tsgb_conv_backward(
@@ -81,9 +80,9 @@ def tsgb_conv_backward(
         mass = channel_sums(torch.abs, (x,), rule_groups)
     ratio = relevance / (box(mass, geometry) + EPS)  # r = c / (z + eps)
     spread = box_transpose(ratio, geometry, x.shape[2:])  # BoxT(r): (N, G, *S_in)
-    if (input_rectified or input_sign_upstream) and rule_groups == 1:
-        return spread.expand_as(x)
-    if input_rectified or input_sign_upstream:
+    if input_rectified or input_sign_upstream:  # sign(x) is 1 where it matters, or applied upstream
+        if rule_groups == 1:
+            return spread.expand_as(x)
         return spread.repeat_interleave(x.shape[1] // rule_groups, dim=1)
     return x.sign().unflatten(1, (rule_groups, -1)).mul_(spread.unsqueeze(2)).flatten(1, 2)
 
@@ -226,8 +225,12 @@ def layer_geometry(kernel_size, stride, padding, dilation, padding_mode):
 
 
 @lru_cache(maxsize=None)
-def _rectifier_fold(clamp) -> RectifierFold:
-    return RectifierFold(clamp)
+def _output_fold(clamp, activation, unsigned):
+    """The fold object for the rewrite's plain arguments (None: nothing folded); memoised, as
+    every call of a layer asks again."""
+    if activation == "silu":
+        return SiLUFold(bool(unsigned))
+    return None if clamp is None else RectifierFold(clamp)
 
 
 def _hashable(value):
@@ -269,10 +272,8 @@ def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, p
     """
     if output_activation not in (None, "silu"):
         raise ValueError(f"output_activation must be None or 'silu', got {output_activation!r}")
-    if output_activation is not None:
-        output_fold = SILU_FOLDS[bool(activation_unsigned)]
-    else:
-        output_fold = None if output_clamp is None else _rectifier_fold(tuple(output_clamp))
+    clamp = None if output_clamp is None else tuple(output_clamp)
+    output_fold = _output_fold(clamp, output_activation, activation_unsigned)
     window, pad = layer_geometry(
         tuple(weight.shape[2:]), _hashable(stride), _hashable(padding), _hashable(dilation), padding_mode
     )
