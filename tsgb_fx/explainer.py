@@ -32,7 +32,8 @@ class Explanation:
     ``attribution``: (N, C, *S), or (N, T, C, *S); the method's attribution: the signal at the
     input times the input (``tsgb``, ``grad_x_input``) or the signal itself (``gradient``,
     ``guided_backprop``, ``deconvnet``); see ``Explainer.times_input``.
-    ``logits``: (N, K), the model's output for the batch.
+    ``logits``: (N, K), the model's output for the batch (up to rounding: eagerly, some batch norms
+    run folded into the convolution before them, :mod:`tsgb_fx.rules.conv_bn`).
     ``target``: (N,) or (N, T), the explained classes (long).
     """
 

@@ -74,6 +74,13 @@ class WindowGeometry:
         """Index of the input positions a pointwise convolution reads."""
         return (Ellipsis, *(slice(None, None, s) for s in self.stride))
 
+    def output_size(self, input_size) -> tuple[int, ...]:
+        """Spatial size of the convolution's output for an input of spatial size ``input_size``."""
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(input_size, self.kernel_size, self.stride, self.padding, self.dilation)
+        )
+
     def output_padding(self, input_size, output_size) -> tuple[int, ...]:
         """Rows/columns the forward dropped: what the transpose must add back to reach ``input_size``."""
         return tuple(

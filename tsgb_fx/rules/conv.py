@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .batchnorm import inference_batch_norm
 from .box import WindowGeometry, box, box_transpose, per_axis
+from .conv_bn import folded_conv_parameters, worth_folding
 from .rectify import RectifierFold
 from .silu import SiLUFold
 from .tracing import is_traced
@@ -152,12 +153,8 @@ class TSGBConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, geometry, groups, conv_groups, input_rectified, batch_norm, output_fold,
                 input_sign_upstream):
-        y = CONV_BY_NDIM[x.dim() - 2](x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, groups)
-        live = None
-        if batch_norm is not None:
-            if groups > 1 and conv_groups == "reference":  # see tsgb_conv: where a zero output matters
-                live = nonzero_mask(y)
-            y = inference_batch_norm(y, *batch_norm)
+        y, live = _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm,
+                                          masked=batch_norm is not None and groups > 1 and conv_groups == "reference")
         out, kept = (y, y) if output_fold is None else output_fold.apply(y)
         ctx.save_for_backward(x, kept, live)
         ctx.output_fold = output_fold
@@ -178,6 +175,34 @@ class TSGBConvFunction(torch.autograd.Function):
                 ctx.input_sign_upstream,
             )
         return g_x, None, None, None, None, None, None, None, None, None
+
+
+def _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm, masked):
+    """The op's forward up to its output fold: ``(bn(conv(x)), live)``, ``live`` the mask of the
+    convolution's nonzero outputs where ``masked`` (see :func:`tsgb_conv`), else None.
+
+    Eagerly, a batch norm with running statistics is folded into the convolution's weights where
+    that pays (:mod:`tsgb_fx.rules.conv_bn`): one convolution instead of a convolution and a full
+    pass. With
+    the mask the folded bias is added after it, as the mask is of the convolution's own output;
+    a convolution with a bias of its own then keeps the two ops. Traced graphs keep the two ops,
+    which runtimes fold themselves.
+    """
+    convolve = partial(CONV_BY_NDIM[x.dim() - 2], stride=geometry.stride, padding=geometry.padding,
+                       dilation=geometry.dilation, groups=groups)
+    if batch_norm is None:
+        return convolve(x, weight, bias), None
+    if (not is_traced(x) and not (masked and bias is not None)
+            and worth_folding(weight, batch_norm, geometry.output_size(x.shape[2:]))):
+        weight, folded_bias = folded_conv_parameters(weight, bias, batch_norm)
+        if not masked:
+            return convolve(x, weight, folded_bias), None
+        y = convolve(x, weight, None)
+        live = nonzero_mask(y)
+        return y.add_(folded_bias.reshape(-1, *(1,) * (y.dim() - 2))), live
+    y = convolve(x, weight, bias)
+    live = nonzero_mask(y) if masked else None
+    return inference_batch_norm(y, *batch_norm), live
 
 
 def nonzero_mask(y: torch.Tensor) -> torch.Tensor:
