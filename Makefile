@@ -35,10 +35,12 @@ test-all: venv
 # these 2 shared cores. ORT runs on BENCH_ONNX_MODELS only: exporting the explainer takes 1-12 min per
 # model here. compile=True is a separate target, `make bench-compile` (a cold torch.compile per
 # model and batch size, 1-2 minutes each here), whose results the report picks up.
+# Rows whose rounds are quick get more of them (BENCH_MIN_SECONDS, see benchmarks/common.py).
 # Override e.g. `make bench BENCH_MODELS=resnet50 BENCH_REPEATS=5 BENCH_THREADS=1`.
 BENCH_MODELS ?= resnet50 vgg16 densenet121 mobilenet_v2 efficientnet_b0
 BENCH_ONNX_MODELS ?= resnet50
 BENCH_REPEATS ?= 3
+BENCH_MIN_SECONDS ?= 20
 BENCH_THREADS ?=
 BENCH_RESULTS := benchmarks/results
 BENCH_ARGS = --repeats $(BENCH_REPEATS) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
@@ -51,6 +53,7 @@ bench: $(BIN)/.bench-installed
 	@mkdir -p $(BENCH_RESULTS)
 	@date +%s > $(BENCH_RESULTS)/started
 	$(BIN)/python -m benchmarks.speed --models $(BENCH_MODELS) --batch-sizes 1 8 $(BENCH_ARGS) --warmup-next 0 \
+		--min-seconds $(BENCH_MIN_SECONDS) \
 		--onnx-models $(BENCH_ONNX_MODELS) --peers \
 		--json-out $(BENCH_RESULTS)/speed.json --peers-json-out $(BENCH_RESULTS)/peers.json
 	$(BIN)/python -m benchmarks.memory --models $(BENCH_MODELS) --batch-sizes 1 8 \

@@ -3,8 +3,11 @@
 Timing protocol (every script): each case is warmed up, then the cases run round-robin (case A,
 case B, ..., then again) ``repeats`` times, and each case's median is reported. Round-robin makes
 the ratios robust to background load that changes during a run: a slow spell hits every case of
-a round, not one case's whole series. Clocks: ``time.perf_counter``; on CUDA every call is
-followed by ``torch.cuda.synchronize()`` inside the timed region.
+a round, not one case's whole series. With ``--min-seconds`` a row whose rounds are quick gets
+more of them (up to ``MAX_ROUNDS_FACTOR`` times ``repeats``), until its rounds have run that long:
+a median of 3 calls of 25 ms is at the mercy of one slow spell, and more rounds there cost little.
+Clocks: ``time.perf_counter``; on CUDA every call is followed by ``torch.cuda.synchronize()``
+inside the timed region.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_CLASS = 1  # every method explains this class for every image (a fixed, valid ImageNet class)
+MAX_ROUNDS_FACTOR = 5  # --min-seconds adds rounds up to this many times --repeats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,10 +116,12 @@ def time_cases(
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    min_seconds: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Run every case ``warmup`` times, then ``repeats`` round-robin rounds; seconds per call.
+    """Run every case ``warmup`` times, then round-robin rounds; seconds per call.
 
-    A case whose call raises is dropped from the rounds and recorded as an empty list with the
+    At least ``repeats`` rounds; then more, up to ``MAX_ROUNDS_FACTOR * repeats``, while the timed
+    rounds so far took less than ``min_seconds`` in all. A case whose call raises is dropped from the rounds and recorded as an empty list with the
     error printed to stderr (a peer failing on one model must not lose the others' numbers).
     """
     if repeats < 1:
@@ -131,7 +137,8 @@ def time_cases(
         except Exception as error:  # noqa: BLE001 - reported, and the other cases go on
             print(f"  {name}: failed ({type(error).__name__}: {error})", file=sys.stderr)
             del live[name]
-    for _ in range(repeats):
+    rounds, elapsed = 0, 0.0
+    while live and (rounds < repeats or (elapsed < min_seconds and rounds < MAX_ROUNDS_FACTOR * repeats)):
         for name, fn in list(live.items()):
             start = clock()
             try:
@@ -143,7 +150,28 @@ def time_cases(
                 times[name] = []
                 continue
             times[name].append(clock() - start)
+            elapsed += times[name][-1]
+        rounds += 1
     return times
+
+
+def rounds_of(times: Mapping[str, Sequence[float]]) -> int:
+    """How many rounds a row ran: the longest series (a failed case's is empty)."""
+    return max((len(values) for values in times.values()), default=0)
+
+
+def rounds_varied(rows: Sequence[Mapping]) -> bool:
+    """The rows ran different numbers of rounds (``--min-seconds``): tables then show a column."""
+    return len({rounds_of(row["times"]) for row in rows} - {0}) > 1
+
+
+def median_label(rows: Sequence[Mapping], repeats: int) -> str:
+    """``median of 3``, or ``median of 3-15 rounds (column rounds: ...)`` where rows differ;
+    ``repeats`` (the setting) where the rows keep no per-call times."""
+    counts = sorted({rounds_of(row["times"]) for row in rows} - {0}) or [repeats]
+    if len(counts) == 1:
+        return f"median of {counts[0]}"
+    return f"median of {counts[0]}-{counts[-1]} rounds (column rounds: quick rows ran more)"
 
 
 def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
@@ -216,6 +244,8 @@ def parser(description: str, *, models: Sequence[str] = ("resnet50",), batch_siz
     p.add_argument("--batch-sizes", nargs="+", type=int, default=list(batch_sizes))
     p.add_argument("--size", type=int, default=224, help="image height and width")
     p.add_argument("--repeats", type=int, default=repeats, help="timed rounds; the median is reported")
+    p.add_argument("--min-seconds", type=float, default=0.0,
+                   help=f"add rounds (up to {MAX_ROUNDS_FACTOR}x --repeats) until a row's rounds have run this long")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case before the rounds")
     p.add_argument("--warmup-next", type=int, default=None,
                    help="warm-up calls at a model's later batch sizes (default: --warmup); the model is warm by then")
@@ -327,6 +357,7 @@ def settings(args: argparse.Namespace) -> dict:
         "batch_sizes": list(args.batch_sizes),
         "size": args.size,
         "repeats": args.repeats,
+        "min_seconds": getattr(args, "min_seconds", 0.0),
         "warmup": args.warmup,
         "warmup_next": args.warmup if getattr(args, "warmup_next", None) is None else args.warmup_next,
     }

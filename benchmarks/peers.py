@@ -1,6 +1,7 @@
 """Peers: Captum, Zennit and pytorch-grad-cam against tsgb-fx, on the same baseline forward, one run.
 
-Per model and batch size, round-robin (see benchmarks/common.py), median of ``--repeats``:
+Per model and batch size, round-robin (see benchmarks/common.py), median of ``--repeats`` rounds
+(more for quick rows with ``--min-seconds``):
 
 * ``forward``: ``model(x)`` under ``torch.inference_mode()``, the baseline of every ratio
 * ``tsgb_eager``: ``tsgb_fx.explainer(model)(x, target=...)``
@@ -159,7 +160,8 @@ def run(args) -> dict:
 
             cases = {"forward": forward, "tsgb_eager": lambda: explainer(x, target=TARGET_CLASS).saliency}
             cases.update(peers.cases(x))
-            times = common.time_cases(cases, repeats=args.repeats, warmup=common.warmup_for(args, index), sync=sync)
+            times = common.time_cases(cases, repeats=args.repeats, warmup=common.warmup_for(args, index), sync=sync,
+                                      min_seconds=args.min_seconds)
             rows.append({"model": name, "batch": batch, "size": args.size, "times": times,
                          "medians": common.medians(times), "errors": dict(peers.errors), "load": common.load_now()})
         peers.close()
@@ -189,19 +191,21 @@ def fastest_peer(medians: dict) -> tuple[str | None, float | None]:
 
 def render(payload: dict) -> str:
     shown = [p for p in PEERS if p != "gradcam_trainable" or any(p in row["medians"] for row in payload["rows"])]
-    columns = ["model", "batch", LABELS["forward"], LABELS["tsgb_eager"], *(LABELS[p] for p in shown),
-               "tsgb-fx / fastest peer"]
+    varied = common.rounds_varied(payload["rows"])
+    columns = ["model", "batch", *(["rounds"] if varied else []), LABELS["forward"], LABELS["tsgb_eager"],
+               *(LABELS[p] for p in shown), "tsgb-fx / fastest peer"]
     body = []
     for row in payload["rows"]:
         m = row["medians"]
         _, best = fastest_peer(m)
-        cells = [row["model"], row["batch"], format_ms(m.get("forward")), ratio_cell(m.get("tsgb_eager"), m.get("forward"))]
+        cells = [row["model"], row["batch"], *([common.rounds_of(row["times"])] if varied else []),
+                 format_ms(m.get("forward")), ratio_cell(m.get("tsgb_eager"), m.get("forward"))]
         cells += [ratio_cell(m.get(p), m.get("forward")) for p in shown]
         cells.append(format_ratio(ratio(m.get("tsgb_eager"), best)))
         body.append(cells)
     size = payload["settings"]["size"]
     title = (f"Time per explanation, ratio to the plain forward in `torch.inference_mode`; {size}x{size}, "
-             f"median of {payload['settings']['repeats']}; last column below 1.00x = tsgb-fx is faster")
+             f"{common.median_label(payload['rows'], payload['settings']['repeats'])}; last column below 1.00x = tsgb-fx is faster")
     return f"{title}\n\n{markdown_table(columns, body)}"
 
 

@@ -308,7 +308,7 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         "",
         "```bash",
         "make bench                                          # everything below, rewrites this file",
-        "python -m benchmarks.speed  --models resnet50 vgg16 --batch-sizes 1 8 --repeats 5 [--compile] [--peers]",
+        "python -m benchmarks.speed  --models resnet50 vgg16 --batch-sizes 1 8 --repeats 5 [--min-seconds 20] [--compile] [--peers]",
         "python -m benchmarks.peers  --models resnet50 --batch-sizes 1 8 [--gradcam-trainable]",
         "python -m benchmarks.memory --models resnet50 --batch-sizes 1 8 [--explicit]",
         "python -m benchmarks.plot   # scaling.png",
@@ -414,7 +414,10 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         "",
         "- 2 shared cores: a background process during a round slows every case of that round, but a "
         "burst inside one call still skews that call; medians of few rounds are not precise to better "
-        "than roughly 10-20 % here. Rerun a row with more `--repeats` before drawing fine conclusions.",
+        "than roughly 10-20 % here. `make bench` therefore gives a row more rounds (up to 5x "
+        "`--repeats`) until its rounds have run `--min-seconds`; the batch-1 rows, whose verdicts flipped "
+        "between runs at 3 rounds, get most of them. Rerun a row with more `--repeats` before drawing "
+        "fine conclusions.",
         "- One-off costs (tracing, ONNX export, torch.compile) are not in the per-call ratios. Exporting "
         "the explainer to ONNX is itself slow on this machine (measured once under load: about 1 minute "
         "for VGG-16 and 2 for ResNet-50, 2.5 for MobileNetV2, 4.5 for EfficientNet-B0, 11.5 for "

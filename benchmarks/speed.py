@@ -1,6 +1,7 @@
 """Speed: tsgb-fx against the same model's plain forward, measured side by side in one run.
 
-Per model and batch size, round-robin (see benchmarks/common.py), median of ``--repeats``:
+Per model and batch size, round-robin (see benchmarks/common.py), median of ``--repeats`` rounds
+(more for quick rows with ``--min-seconds``):
 
 * ``forward``: ``model(x)`` under ``torch.inference_mode()``: the baseline of every torch ratio
 * ``gradient``: plain input gradient, ``torch.autograd.grad(model(x), x, one_hot)``
@@ -243,7 +244,8 @@ def run(args) -> dict:
                 cases.update(ort_pair.cases(x))
             if peer_methods is not None:
                 cases.update(peer_methods.cases(x))
-            times = common.time_cases(cases, repeats=args.repeats, warmup=common.warmup_for(args, index), sync=sync)
+            times = common.time_cases(cases, repeats=args.repeats, warmup=common.warmup_for(args, index), sync=sync,
+                                      min_seconds=args.min_seconds)
             row = {"model": name, "batch": batch, "size": args.size, "times": times,
                    "medians": common.medians(times), "one_off": row_one_off, "load": common.load_now()}
             if peer_methods is not None:
@@ -271,14 +273,16 @@ def run(args) -> dict:
 def render(payload: dict) -> str:
     rows = payload["rows"]
     has = {case: any(row["medians"].get(case) is not None for row in rows) for case in (*TORCH_CASES, *ORT_CASES)}
-    columns = ["model", "batch", LABELS["forward"]]
+    varied = common.rounds_varied(rows)
+    columns = ["model", "batch", *(["rounds"] if varied else []), LABELS["forward"]]
     columns += [LABELS[c] for c in ("gradient", "tsgb_eager", "tsgb_explicit", "tsgb_compiled") if has[c]]
     if has["ort_forward"] or has["ort_tsgb"]:
         columns += [LABELS["ort_forward"], LABELS["ort_tsgb"] + " (ratio to ORT forward)"]
     body = []
     for row in rows:
         m = row["medians"]
-        cells = [row["model"], row["batch"], format_ms(m.get("forward"))]
+        cells = [row["model"], row["batch"], *([common.rounds_of(row["times"])] if varied else []),
+                 format_ms(m.get("forward"))]
         cells += [ratio_cell(m.get(c), m.get("forward")) for c in ("gradient", "tsgb_eager", "tsgb_explicit",
                                                                     "tsgb_compiled") if has[c]]
         if has["ort_forward"] or has["ort_tsgb"]:
@@ -290,7 +294,7 @@ def render(payload: dict) -> str:
         body.append(cells)
     size = payload["settings"]["size"]
     title = (f"Time per call, ratio to the plain forward in `torch.inference_mode` (ORT: to ORT's forward); "
-             f"{size}x{size}, median of {payload['settings']['repeats']}")
+             f"{size}x{size}, {common.median_label(rows, payload['settings']['repeats'])}")
     return f"{title}\n\n{markdown_table(columns, body)}\n\n{render_one_off(payload)}"
 
 

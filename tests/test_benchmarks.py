@@ -106,6 +106,32 @@ def test_time_cases_warms_up_then_runs_round_robin():
     assert common.medians(times) == {"a": 1.0, "b": 2.0}
 
 
+def test_time_cases_adds_rounds_until_min_seconds_up_to_a_cap():
+    clock = FakeClock()
+
+    def case(seconds):
+        def fn():
+            clock.cost = seconds
+        return fn
+
+    cases = {"a": case(1.0), "b": case(2.0)}  # 3 s per round
+    times = common.time_cases(cases, repeats=2, warmup=0, clock=clock, min_seconds=10.0)
+    assert times == {"a": [1.0] * 4, "b": [2.0] * 4}  # 6 s after the 2 rounds asked for, 12 s after 4
+    capped = common.time_cases(cases, repeats=2, warmup=0, clock=clock, min_seconds=1e6)
+    assert common.rounds_of(capped) == 2 * common.MAX_ROUNDS_FACTOR
+    assert common.rounds_of(common.time_cases(cases, repeats=2, warmup=0, clock=clock)) == 2
+
+
+def test_tables_name_the_rounds_when_rows_ran_different_numbers():
+    payload = _speed_payload()
+    assert "median of 3" in speed.render(payload) and "rounds" not in speed.render(payload)
+    payload["rows"][0]["times"] = {"forward": [0.1] * 9, "gradient": []}
+    payload["rows"][1]["times"] = {"forward": [1.0] * 3}
+    text = speed.render(payload)
+    assert "median of 3-9 rounds" in text
+    assert "| resnet50 | 1 | 9 | 100 ms |" in text and "| vgg16 | 8 | 3 | 1000 ms |" in text
+
+
 def test_time_cases_drops_a_failing_case_and_keeps_the_others(capsys):
     def broken():
         raise RuntimeError("no")
