@@ -193,7 +193,7 @@ def _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm, maske
     if batch_norm is None:
         return convolve(x, weight, bias), None
     if (not is_traced(x) and not (masked and bias is not None)
-            and worth_folding(weight, batch_norm, geometry.output_size(x.shape[2:]))):
+            and worth_folding(weight, batch_norm, geometry, x.shape[2:])):
         weight, folded_bias = folded_conv_parameters(weight, bias, batch_norm)
         if not masked:
             return convolve(x, weight, folded_bias), None

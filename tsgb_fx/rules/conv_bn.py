@@ -31,33 +31,49 @@ each stores the same result.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .box import WindowGeometry
+
 _FOLDED = WeakIdKeyDictionary()  # weight -> (key, weight', bias'); by identity, as tensors compare by value
 
 
-def worth_folding(weight: torch.Tensor, batch_norm, output_size) -> bool:
+def worth_folding(weight: torch.Tensor, batch_norm, geometry: WindowGeometry, input_size) -> bool:
     """Fold this batch norm: it has running statistics (eval mode is then an affine map; without
     them it normalises with the batch's own statistics), and the output has at least as many
     positions per channel as a filter has weights (the copy is no larger than one image's output)."""
     running_mean, running_var = batch_norm[0], batch_norm[1]
-    return running_mean is not None and running_var is not None and math.prod(output_size) >= weight[0].numel()
+    if running_mean is None or running_var is None:
+        return False
+    return _output_positions(geometry, input_size) >= weight.shape[1] * math.prod(geometry.kernel_size)
+
+
+@lru_cache(maxsize=4096)
+def _output_positions(geometry: WindowGeometry, input_size) -> int:
+    """Positions per channel of the convolution's output; memoised, as every call asks again."""
+    return math.prod(geometry.output_size(input_size))
 
 
 def folded_conv_parameters(weight: torch.Tensor, bias: torch.Tensor | None, batch_norm):
     """``(w * s, (b - mean) * s + beta)`` for the convolution ``weight``, ``bias`` followed by the
     eval batch norm ``batch_norm = (running_mean, running_var, gamma, beta, eps)``; cached."""
-    sources = (weight, bias, *batch_norm[:4])
-    key = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
-    key += (batch_norm[4],)
+    running_mean, running_var, gamma, beta, eps = batch_norm
+    key = (_state(weight), _state(bias), _state(running_mean), _state(running_var), _state(gamma), _state(beta), eps)
     entry = _FOLDED.get(weight)
     if entry is not None and entry[0] == key:
         return entry[1], entry[2]
     folded_weight, folded_bias = _fold(weight, bias, *batch_norm)
     _FOLDED[weight] = (key, folded_weight, folded_bias)
     return folded_weight, folded_bias
+
+
+def _state(t: torch.Tensor | None):
+    """What changes when a tensor's values may have: its storage (new on ``.data =`` and ``.to()``,
+    different for distinct live tensors) and its version counter (bumped by in-place updates)."""
+    return None if t is None else (t.data_ptr(), t._version)
 
 
 def cached_bytes() -> int:
