@@ -1,7 +1,7 @@
 """Assemble benchmarks/README.md from the results that the benchmark scripts wrote.
 
-Reads ``benchmarks/results/{speed,compile,peers,memory,scaling}.json`` (any may be missing: its
-section then says so) and, where present, ``benchmarks/results/gpu/*.json`` (``benchmarks/gpu.sh``),
+Reads ``benchmarks/results/{speed,compile,onnx_extra,peers,memory,scaling}.json`` (any may be
+missing: its section then says so) and, where present, ``benchmarks/results/gpu/*.json`` (``benchmarks/gpu.sh``),
 and rewrites README.md: the machine and its caveats, issue 4's targets with PASS/MISS next to each
 measured ratio, the tables, the scaling plot and a paragraph on how cost grows with batch and
 image size. Nothing here measures; ``make bench`` runs the scripts first.
@@ -84,8 +84,13 @@ def busy(row: dict, data: dict) -> str:
     return f" (load {load_now:.1f})" if load_now is not None and cores and load_now > cores else ""
 
 
-def target_rows(speed_data, peers_data, memory_data, compile_data) -> list[list[str]]:
+def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=None) -> list[list[str]]:
+    """Issue 4's targets, one row per model and batch size: [target, model, batch, measured, verdict].
+
+    ORT rows come from the speed run, or for models it did not export, from ``onnx_extra`` (a
+    separate speed run with ORT on those models, marked as such)."""
     rows = []
+    separate = {(row["model"], row["batch"]): row for row in (onnx_extra or {}).get("rows", [])}
     for row in (speed_data or {}).get("rows", []):
         m = row["medians"]
         limit = EAGER_LIMIT.get(row["model"], EAGER_DEFAULT_LIMIT)
@@ -93,14 +98,18 @@ def target_rows(speed_data, peers_data, memory_data, compile_data) -> list[list[
         rows.append([f"torch eager explain <= {limit}x forward", row["model"], row["batch"],
                      format_ratio(r) + busy(row, speed_data), verdict(r, limit)])
     for row in (speed_data or {}).get("rows", []):
-        m = row["medians"]
-        if "ort_forward" not in m and "ort_tsgb" not in m:
+        source, origin = row, ""
+        if not _has_ort(row) and _has_ort(separate.get((row["model"], row["batch"]), {})):
+            source, origin = separate[(row["model"], row["batch"])], " (separate run)"
+        m = source["medians"]
+        if not _has_ort(source):
             why = "export failed" if "onnx_error" in row.get("one_off", {}) else "not measured in this run"
             rows.append([f"ORT explainer <= {ORT_LIMIT}x ORT forward", row["model"], row["batch"], why, "n/a"])
             continue
         r = ratio(m.get("ort_tsgb"), m.get("ort_forward"))
         rows.append([f"ORT explainer <= {ORT_LIMIT}x ORT forward", row["model"], row["batch"],
-                     format_ratio(r) + busy(row, speed_data), verdict(r, ORT_LIMIT)])
+                     format_ratio(r) + origin + busy(source, onnx_extra if origin else speed_data),
+                     verdict(r, ORT_LIMIT)])
     for row in (peers_data or {}).get("rows", []):
         m = row["medians"]
         name, best = peers.fastest_peer(m)
@@ -124,6 +133,11 @@ def target_rows(speed_data, peers_data, memory_data, compile_data) -> list[list[
             outcome = "pays" if eager is not None and compiled < eager else "does not pay"
         rows.append(["torch.compile of the explicit graph: reported", row["model"], row["batch"], measured, outcome])
     return rows
+
+
+def _has_ort(row: dict) -> bool:
+    medians = row.get("medians", {})
+    return medians.get("ort_forward") is not None or medians.get("ort_tsgb") is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +267,7 @@ def machine_paragraph(datasets: dict[str, dict], elapsed_s: float | None, code_n
     ]
     if elapsed_s is not None:
         lines.append(f"- `make bench` (speed with peers, memory, scaling) took {elapsed_s / 60:.1f} minutes end "
-                     f"to end; compile and peers_extra, where present, are separate runs.")
+                     f"to end; compile, onnx_extra and peers_extra, where present, are separate runs.")
     if note:
         lines.append(f"- Note on this run: {note}")
     return "\n".join(lines)
@@ -287,14 +301,15 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     memory_data = load(results, "memory")
     scaling = load(results, "scaling")
     peers_extra = load(results, "peers_extra")  # optional: a separate peers run, e.g. --gradcam-trainable
+    onnx_extra = load(results, "onnx_extra")  # optional: `make bench-onnx`, ORT on the other models
     elapsed = None
     started = results / "started"  # `make bench` writes the epoch second it began
     finished = [(results / f"{name}.json").stat().st_mtime for name in BENCH_FILES if (results / f"{name}.json").exists()]
     if started.exists() and finished:
         elapsed = max(finished) - float(started.read_text().strip())
     datasets = {"speed": speed_data, "peers": peers_data, "memory": memory_data, "scaling": scaling,
-                "compile": compile_data, "peers_extra": peers_extra}
-    targets = target_rows(speed_data, peers_data, memory_data, compile_data)
+                "compile": compile_data, "onnx_extra": onnx_extra, "peers_extra": peers_extra}
+    targets = target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra)
 
     out = [
         "# Benchmarks",
@@ -349,6 +364,13 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         out += ["Not measured in this run: `python -m benchmarks.speed --models resnet50 --compile --no-onnx "
                 "--json-out benchmarks/results/compile.json` adds it (minutes per model and batch size on this "
                 "machine), and the next report includes it.", ""]
+    if onnx_extra:
+        x = onnx_extra["machine"]
+        out += ["### onnxruntime on the other models", "",
+                f"Measured separately with `make bench-onnx` ({x['date']}, {x['threads']} threads, 1-minute "
+                f"load {(x.get('load_average_at_start') or ['n/a'])[0]} at start): exporting an explainer "
+                f"takes minutes per model here, too long for `make bench`. The ORT ratio is to ORT's own "
+                f"forward of the same model, in the same rounds.", "", speed.render(onnx_extra), ""]
     out += ["## GPU", "", *gpu_section(results / "gpu")]
     out += [
         "## Peers",

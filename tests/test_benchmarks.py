@@ -221,6 +221,18 @@ def test_targets_say_pass_and_miss_honestly():
     assert verdicts[("explain peak memory", "resnet50", 1)] == ("1.40x", "PASS")
 
 
+def test_ort_targets_come_from_a_separate_run_where_the_speed_run_had_none():
+    onnx_extra = {"kind": "speed", "machine": MACHINE, "settings": {"size": 224, "repeats": 3}, "rows": [
+        {"model": "vgg16", "batch": 8, "size": 224, "times": {}, "one_off": {},
+         "medians": {"forward": 1.0, "tsgb_eager": 1.3, "ort_forward": 0.5, "ort_tsgb": 0.7}},
+        {"model": "resnet50", "batch": 1, "size": 224, "times": {}, "one_off": {},  # the speed run has its own
+         "medians": {"forward": 0.1, "ort_forward": 0.1, "ort_tsgb": 0.1}}]}
+    rows = report.target_rows(_speed_payload(), None, None, None, onnx_extra)
+    ort = {(row[1], row[2]): (row[3], row[4]) for row in rows if row[0].startswith("ORT")}
+    assert ort[("vgg16", 8)] == ("1.40x (separate run)", "PASS")
+    assert ort[("resnet50", 1)] == ("2.50x", "MISS")
+
+
 def test_readme_assembles_sections_and_keeps_foreign_blocks(tmp_path):
     for name, payload in (("speed", _speed_payload()), ("peers", _peers_payload()), ("memory", _memory_payload())):
         (tmp_path / f"{name}.json").write_text(json.dumps(payload))
