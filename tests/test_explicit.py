@@ -20,13 +20,14 @@ import textwrap
 
 import pytest
 import torch
-from torch import fx
+from torch import fx, nn
 
 import tsgb_fx
 from tsgb_fx.explicit import explicit_module, export_program
 
 from .explicit_models import MODELS, build, explainer_for, model_params
-from .helpers import map_error, relative_error
+from .helpers import map_error, randomise_batch_norm, relative_error
+from .reference_tsgb import reference_saliency, swap_in_reference_rules
 
 TOLERANCE = 1e-5
 FLOAT64_TOLERANCE = 1e-9
@@ -80,6 +81,30 @@ def test_parity_with_autograd_explainer(name):
     # one graph, any batch size
     logits, saliency = _run(module, images[:1], torch.tensor([-1]))
     assert relative_error(saliency, explainer(images[:1]).saliency) < FLOAT64_TOLERANCE
+
+
+def test_saturated_relu6_units_carry_no_relevance_in_the_graph():
+    """The graph's ReLU6 carrier (``out * (out < 6)``, folded into TSGB-Conv) against the
+    module-swapping reference, whose ReLU6 backward is torch's own, on a net where many units
+    sit exactly at 0 and at 6."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+    randomise_batch_norm(model, seed=4)
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.weight.mul_(8.0)  # wide pre-activations: both bounds are hit
+    model = model.double().eval()
+    images = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    rectified = model[:3](images)
+    assert (rectified == 6).float().mean() > 0.1 and (rectified == 0).float().mean() > 0.1
+    target = torch.tensor([1, 3])
+    _, saliency = _run(tsgb_fx.explainer(model).explicit(images), images, target)
+    expected = reference_saliency(swap_in_reference_rules(model, "8"), images, target)
+    assert relative_error(saliency, expected) < FLOAT64_TOLERANCE
 
 
 @pytest.mark.parametrize("method", METHODS)
