@@ -107,6 +107,32 @@ def test_saturated_relu6_units_carry_no_relevance_in_the_graph():
     assert relative_error(saliency, expected) < FLOAT64_TOLERANCE
 
 
+def test_silu_carriers_in_the_graph_match_the_reference():
+    """The graph's SiLU carriers (``a * (1 + y - a)``, and ``|a| * (1 + y - a)`` where the reader
+    leaves the sign to the fold) against the module-swapping reference, whose SiLU keeps torch's
+    own backward, on pre-activations wide enough that ``silu'`` changes sign (``y < -1.28``)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),  # read by a TSGB-Conv: unsigned
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.SiLU(),  # read by the pool
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+    randomise_batch_norm(model, seed=5)
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.weight.mul_(4.0)
+    model = model.double().eval()
+    images = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    explainer = tsgb_fx.explainer(model)
+    folds = [site for site in explainer.graph_module.graph.nodes if site.kwargs.get("output_activation") == "silu"]
+    assert [site.kwargs.get("activation_unsigned", False) for site in folds] == [True, False]
+    assert (model[:2](images) < -1.28).float().mean() > 0.1
+    target = torch.tensor([0, 4])
+    _, saliency = _run(explainer.explicit(images), images, target)
+    expected = reference_saliency(swap_in_reference_rules(model, "8"), images, target)
+    assert relative_error(saliency, expected) < FLOAT64_TOLERANCE
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_matches_its_autograd_explainer(method):
     """Issue 6: the graph honours ``times_input`` (signal x image for tsgb and grad_x_input, the

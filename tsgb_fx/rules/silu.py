@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .tracing import is_traced
+
 
 @dataclass(frozen=True)
 class SiLUFold:
@@ -44,5 +46,18 @@ class SiLUFold:
         return F.silu(y), y
 
     def carrier(self, y: torch.Tensor) -> torch.Tensor:
-        """What the op multiplies the signal at ``a`` by to get the relevance at ``y``, fresh."""
+        """What the op multiplies the signal at ``a`` by to get the relevance at ``y``, fresh.
+
+        Eagerly torch's fused ``silu_backward``. A traced graph (the explicit graph, ONNX) would
+        spell that as a sigmoid and five more full-size passes; with ``a = silu(y) = y * s``::
+
+            y * silu'(y) = y * s * (1 + y * (1 - s)) = a * (1 + y - a)
+            |y| * silu'(y) = |a| * (1 + y - a)                             (s > 0)
+
+        three passes (four unsigned) over ``a``, which is the forward's own SiLU of the same ``y``
+        (graph optimisers such as onnxruntime's merge the two).
+        """
+        if is_traced(y):
+            output = F.silu(y)
+            return (output.abs() if self.unsigned else output) * (1 + y - output)
         return torch.ops.aten.silu_backward(y.abs() if self.unsigned else y, y)
