@@ -183,10 +183,9 @@ def _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm, maske
 
     Eagerly, a batch norm with running statistics is folded into the convolution's weights where
     that pays (:mod:`tsgb_fx.rules.conv_bn`): one convolution instead of a convolution and a full
-    pass. With
-    the mask the folded bias is added after it, as the mask is of the convolution's own output;
-    a convolution with a bias of its own then keeps the two ops. Traced graphs keep the two ops,
-    which runtimes fold themselves.
+    pass. With the mask the folded bias is added after it, as the mask is of the convolution's
+    own output; a convolution with a bias of its own then keeps the two ops. Traced graphs keep
+    the two ops, which runtimes fold themselves.
     """
     convolve = partial(CONV_BY_NDIM[x.dim() - 2], stride=geometry.stride, padding=geometry.padding,
                        dilation=geometry.dilation, groups=groups)
