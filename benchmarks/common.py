@@ -121,8 +121,9 @@ def time_cases(
     """Run every case ``warmup`` times, then round-robin rounds; seconds per call.
 
     At least ``repeats`` rounds; then more, up to ``MAX_ROUNDS_FACTOR * repeats``, while the timed
-    rounds so far took less than ``min_seconds`` in all. A case whose call raises is dropped from the rounds and recorded as an empty list with the
-    error printed to stderr (a peer failing on one model must not lose the others' numbers).
+    rounds so far took less than ``min_seconds`` in all. A case whose call raises is dropped from
+    the rounds and recorded as an empty list with the error printed to stderr (a peer failing on
+    one model must not lose the others' numbers).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -160,15 +161,20 @@ def rounds_of(times: Mapping[str, Sequence[float]]) -> int:
     return max((len(values) for values in times.values()), default=0)
 
 
+def _round_counts(rows: Sequence[Mapping]) -> list[int]:
+    """The distinct numbers of rounds the rows ran, ascending (rows without per-call times left out)."""
+    return sorted({rounds_of(row["times"]) for row in rows} - {0})
+
+
 def rounds_varied(rows: Sequence[Mapping]) -> bool:
     """The rows ran different numbers of rounds (``--min-seconds``): tables then show a column."""
-    return len({rounds_of(row["times"]) for row in rows} - {0}) > 1
+    return len(_round_counts(rows)) > 1
 
 
 def median_label(rows: Sequence[Mapping], repeats: int) -> str:
     """``median of 3``, or ``median of 3-15 rounds (column rounds: ...)`` where rows differ;
     ``repeats`` (the setting) where the rows keep no per-call times."""
-    counts = sorted({rounds_of(row["times"]) for row in rows} - {0}) or [repeats]
+    counts = _round_counts(rows) or [repeats]
     if len(counts) == 1:
         return f"median of {counts[0]}"
     return f"median of {counts[0]}-{counts[-1]} rounds (column rounds: quick rows ran more)"
