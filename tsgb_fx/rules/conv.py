@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .batchnorm import inference_batch_norm
 from .box import WindowGeometry, box, box_transpose, per_axis
 from .conv_bn import folded_conv_parameters, worth_folding
-from .rectify import RectifierFold
+from .rectify import NOTHING_FOLDED, RectifierFold
 from .silu import SiLUFold
 from .tracing import is_traced
 
@@ -53,7 +53,7 @@ def tsgb_conv_backward(
     groups: int,
     conv_groups: str,
     input_rectified: bool = False,
-    output_fold=None,
+    output_fold=NOTHING_FOLDED,
     live: torch.Tensor | None = None,
     input_sign_upstream: bool = False,
 ) -> torch.Tensor:
@@ -97,7 +97,7 @@ def relevance_sums(g, y, output_fold, live, groups: int) -> torch.Tensor:
     eager mode they never make a full-size temporary either.
     """
     broadcast = g.stride(1) == 0
-    if broadcast and live is None and (output_fold is None or output_fold.carries_output):
+    if broadcast and live is None and output_fold.carries_output:
         return g.narrow(1, 0, 1) * group_sums(y, groups)  # the carrier is y itself: nothing to form
     tensors = (y, live, None if broadcast else g)
     sums = channel_sums(partial(_unit_relevance, output_fold=output_fold), tensors, groups)
@@ -106,7 +106,7 @@ def relevance_sums(g, y, output_fold, live, groups: int) -> torch.Tensor:
 
 def _unit_relevance(y, live, g, output_fold):
     """``carrier(y) * live * g`` (each factor only where given), as a fresh tensor."""
-    weight = y if output_fold is None else output_fold.carrier(y)
+    weight = output_fold.carrier(y)
     fresh = weight is not y
     for factor in (live, g):
         if factor is not None:
@@ -155,7 +155,7 @@ class TSGBConvFunction(torch.autograd.Function):
                 input_sign_upstream):
         y, live = _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm,
                                           masked=batch_norm is not None and groups > 1 and conv_groups == "reference")
-        out, kept = (y, y) if output_fold is None else output_fold.apply(y)
+        out, kept = output_fold.apply(y)
         ctx.save_for_backward(x, kept, live)
         ctx.output_fold = output_fold
         ctx.input_sign_upstream = input_sign_upstream
@@ -250,11 +250,11 @@ def layer_geometry(kernel_size, stride, padding, dilation, padding_mode):
 
 @lru_cache(maxsize=None)
 def _output_fold(clamp, activation, unsigned):
-    """The fold object for the rewrite's plain arguments (None: nothing folded); memoised, as
-    every call of a layer asks again."""
+    """The fold object for the rewrite's plain arguments (:data:`NOTHING_FOLDED` for none);
+    memoised, as every call of a layer asks again."""
     if activation == "silu":
         return SiLUFold(bool(unsigned))
-    return None if clamp is None else RectifierFold(clamp)
+    return NOTHING_FOLDED if clamp is None else RectifierFold(clamp)
 
 
 def _hashable(value):

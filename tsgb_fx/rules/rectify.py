@@ -64,9 +64,10 @@ class RectifierFold:
     ``apply(y)`` gives the op's output and the tensor it keeps for the backward (here both the
     rectified output, clamped in place); ``carrier(kept)`` what the signal at the output is
     multiplied by for the relevance; ``carries_output``: the carrier is the kept tensor itself.
+    ``clamp=None`` folds nothing (:data:`NOTHING_FOLDED`): output, kept tensor and carrier are ``y``.
     """
 
-    clamp: Clamp
+    clamp: Clamp | None
 
     def apply(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = rectify_(y, self.clamp)
@@ -78,3 +79,7 @@ class RectifierFold:
     @property
     def carries_output(self) -> bool:
         return carries_output(self.clamp)
+
+
+NOTHING_FOLDED = RectifierFold(None)
+"""The fold of an op with no activation folded in: ``apply`` and ``carrier`` give ``y`` itself."""
