@@ -1,8 +1,8 @@
 """Assemble benchmarks/README.md from the results that the benchmark scripts wrote.
 
 Reads ``benchmarks/results/{speed,compile,onnx_extra,peers,memory,scaling}.json`` (any may be
-missing: its section then says so) and, where present, ``benchmarks/results/gpu/*.json`` (``benchmarks/gpu.sh``),
-and rewrites README.md: the machine and its caveats, issue 4's targets with PASS/MISS next to each
+missing: its section then says so) and, where present, ``benchmarks/results/gpu/*.json``
+(``benchmarks/gpu.sh``), and rewrites README.md: the machine and its caveats, issue 4's targets with PASS/MISS next to each
 measured ratio, the tables, the scaling plot and a paragraph on how cost grows with batch and
 image size. Nothing here measures; ``make bench`` runs the scripts first.
 ``python -m benchmarks.report --results DIR --out FILE`` for other places.
@@ -273,6 +273,13 @@ def machine_paragraph(datasets: dict[str, dict], elapsed_s: float | None, code_n
     return "\n".join(lines)
 
 
+def run_stamp(data: dict) -> str:
+    """When and how a separate run was measured: its date, threads and load at start."""
+    m = data["machine"]
+    return (f"{m['date']}, {m['threads']} threads, 1-minute load "
+            f"{(m.get('load_average_at_start') or ['n/a'])[0]} at start")
+
+
 def versions_line(datasets: dict[str, dict]) -> str:
     versions = {}
     for data in datasets.values():
@@ -356,19 +363,15 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     ]
     out += ["### torch.compile of the explicit graph", ""]
     if compile_data:
-        c = compile_data["machine"]
-        out += [f"Measured separately ({c['date']}, {c['threads']} threads, 1-minute load "
-                f"{(c.get('load_average_at_start') or ['n/a'])[0]} at start): compiling takes minutes per model "
+        out += [f"Measured separately ({run_stamp(compile_data)}): compiling takes minutes per model "
                 f"and batch size here, too long for `make bench`.", "", speed.render(compile_data), ""]
     else:
         out += ["Not measured in this run: `python -m benchmarks.speed --models resnet50 --compile --no-onnx "
                 "--json-out benchmarks/results/compile.json` adds it (minutes per model and batch size on this "
                 "machine), and the next report includes it.", ""]
     if onnx_extra:
-        x = onnx_extra["machine"]
         out += ["### onnxruntime on the other models", "",
-                f"Measured separately with `make bench-onnx` ({x['date']}, {x['threads']} threads, 1-minute "
-                f"load {(x.get('load_average_at_start') or ['n/a'])[0]} at start): exporting an explainer "
+                f"Measured separately with `make bench-onnx` ({run_stamp(onnx_extra)}): exporting an explainer "
                 f"takes minutes per model here, too long for `make bench`. The ORT ratio is to ORT's own "
                 f"forward of the same model, in the same rounds.", "", speed.render(onnx_extra), ""]
     out += ["## GPU", "", *gpu_section(results / "gpu")]
@@ -386,9 +389,7 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         "",
     ]
     if peers_extra:
-        e = peers_extra["machine"]
-        out += [f"A separate peers run ({e['date']}, {e['threads']} threads, 1-minute load "
-                f"{(e.get('load_average_at_start') or ['n/a'])[0]} at start; `python -m benchmarks.peers "
+        out += [f"A separate peers run ({run_stamp(peers_extra)}; `python -m benchmarks.peers "
                 f"--models {' '.join(peers_extra['settings']['models'])} --gradcam-trainable --json-out "
                 f"benchmarks/results/peers_extra.json`), with Grad-CAM also in its documented setting "
                 f"(trainable parameters, so `loss.backward()` computes every weight gradient):", "",
