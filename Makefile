@@ -64,7 +64,7 @@ bench: $(BIN)/.bench-installed
 
 # ORT on the models `make bench` does not export (minutes of export each here); the report adds
 # them to the targets table, marked as a separate run.
-BENCH_ONNX_EXTRA_MODELS ?= vgg16 mobilenet_v2 efficientnet_b0
+BENCH_ONNX_EXTRA_MODELS ?= vgg16 densenet121 mobilenet_v2 efficientnet_b0
 
 bench-onnx: $(BIN)/.bench-installed
 	@mkdir -p $(BENCH_RESULTS)
@@ -72,12 +72,15 @@ bench-onnx: $(BIN)/.bench-installed
 		--min-seconds $(BENCH_MIN_SECONDS) --no-explicit --json-out $(BENCH_RESULTS)/onnx_extra.json
 	$(BIN)/python -m benchmarks.report
 
-BENCH_COMPILE_MODELS ?= resnet50 mobilenet_v2
+# compile=True on every model, with the peers in the same rounds (a cold compile per model and
+# batch size: about half an hour here); the report adds its peer targets.
+BENCH_COMPILE_MODELS ?= $(BENCH_MODELS)
 
 bench-compile: $(BIN)/.bench-installed
 	@mkdir -p $(BENCH_RESULTS)
 	$(BIN)/python -m benchmarks.speed --models $(BENCH_COMPILE_MODELS) --batch-sizes 1 8 $(BENCH_ARGS) \
-		--compile --no-onnx --json-out $(BENCH_RESULTS)/compile.json
+		--min-seconds $(BENCH_MIN_SECONDS) --compile --peers --no-onnx --no-explicit \
+		--json-out $(BENCH_RESULTS)/compile.json
 	$(BIN)/python -m benchmarks.report
 
 clean:

@@ -33,6 +33,7 @@ PEERS = ("captum_gbp", "zennit_epf", "gradcam", "gradcam_trainable")
 LABELS = {
     "forward": "forward (inference_mode)",
     "tsgb_eager": "tsgb-fx eager",
+    "tsgb_compiled": "tsgb-fx compile=True",
     "captum_gbp": "Captum GuidedBackprop",
     "zennit_epf": "Zennit EpsilonPlusFlat",
     "gradcam": "pytorch-grad-cam GradCAM",
@@ -190,22 +191,27 @@ def fastest_peer(medians: dict) -> tuple[str | None, float | None]:
 
 
 def render(payload: dict) -> str:
-    shown = [p for p in PEERS if p != "gradcam_trainable" or any(p in row["medians"] for row in payload["rows"])]
-    varied = common.rounds_varied(payload["rows"])
-    columns = ["model", "batch", *(["rounds"] if varied else []), LABELS["forward"], LABELS["tsgb_eager"],
-               *(LABELS[p] for p in shown), "tsgb-fx / fastest peer"]
+    """The peers table; with a ``tsgb_compiled`` column (a ``speed --compile --peers`` run), it and
+    its own ratio to the fastest peer are shown too."""
+    rows = payload["rows"]
+    shown = [p for p in PEERS if p != "gradcam_trainable" or any(p in row["medians"] for row in rows)]
+    mine = ["tsgb_eager", *(["tsgb_compiled"] if any(row["medians"].get("tsgb_compiled") for row in rows) else [])]
+    varied = common.rounds_varied(rows)
+    columns = ["model", "batch", *(["rounds"] if varied else []), LABELS["forward"], *(LABELS[c] for c in mine),
+               *(LABELS[p] for p in shown), *(f"{LABELS[c].removeprefix('tsgb-fx ')} / fastest peer" for c in mine)]
     body = []
-    for row in payload["rows"]:
+    for row in rows:
         m = row["medians"]
         _, best = fastest_peer(m)
         cells = [row["model"], row["batch"], *([common.rounds_of(row["times"])] if varied else []),
-                 format_ms(m.get("forward")), ratio_cell(m.get("tsgb_eager"), m.get("forward"))]
-        cells += [ratio_cell(m.get(p), m.get("forward")) for p in shown]
-        cells.append(format_ratio(ratio(m.get("tsgb_eager"), best)))
+                 format_ms(m.get("forward"))]
+        cells += [ratio_cell(m.get(c), m.get("forward")) for c in (*mine, *shown)]
+        cells += [format_ratio(ratio(m.get(c), best)) for c in mine]
         body.append(cells)
     size = payload["settings"]["size"]
     title = (f"Time per explanation, ratio to the plain forward in `torch.inference_mode`; {size}x{size}, "
-             f"{common.median_label(payload['rows'], payload['settings']['repeats'])}; last column below 1.00x = tsgb-fx is faster")
+             f"{common.median_label(rows, payload['settings']['repeats'])}; "
+             f"last column{'s' if len(mine) > 1 else ''} below 1.00x = tsgb-fx is faster")
     return f"{title}\n\n{markdown_table(columns, body)}"
 
 

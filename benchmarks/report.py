@@ -110,13 +110,7 @@ def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=No
         rows.append([f"ORT explainer <= {ORT_LIMIT}x ORT forward", row["model"], row["batch"],
                      format_ratio(r) + origin + busy(source, onnx_extra if origin else speed_data),
                      verdict(r, ORT_LIMIT)])
-    for row in (peers_data or {}).get("rows", []):
-        m = row["medians"]
-        name, best = peers.fastest_peer(m)
-        r = ratio(m.get("tsgb_eager"), best)
-        label = f"{format_ratio(r)} of {peers.LABELS[name]}{busy(row, peers_data)}" if name else "n/a"
-        rows.append(["faster than every peer (tsgb / fastest peer < 1)", row["model"], row["batch"], label,
-                     "n/a" if r is None else ("PASS" if r < 1 else "MISS")])
+    rows += peer_rows(peers_data, "tsgb_eager", "faster than every peer (tsgb / fastest peer < 1)")
     for row in (memory_data or {}).get("rows", []):
         b = row["bytes"]
         r = ratio(b.get("tsgb_eager"), b.get("forward_grad"))
@@ -132,6 +126,21 @@ def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=No
                         f"{format_ratio(ratio(eager, m.get('forward')))}), compile {format_seconds(o.get('compile_s'))}")
             outcome = "pays" if eager is not None and compiled < eager else "does not pay"
         rows.append(["torch.compile of the explicit graph: reported", row["model"], row["batch"], measured, outcome])
+    if (compile_data or {}).get("settings", {}).get("peers"):
+        rows += peer_rows(compile_data, "tsgb_compiled",
+                          "faster than every peer with compile=True (compiled / fastest peer < 1)")
+    return rows
+
+
+def peer_rows(data, case: str, target: str) -> list[list[str]]:
+    """One target row per model and batch size: ``case``'s time over the fastest peer's, same rounds."""
+    rows = []
+    for row in (data or {}).get("rows", []):
+        m = row["medians"]
+        name, best = peers.fastest_peer(m)
+        r = ratio(m.get(case), best)
+        label = f"{format_ratio(r)} of {peers.LABELS[name]}{busy(row, data)}" if name and r is not None else "n/a"
+        rows.append([target, row["model"], row["batch"], label, "n/a" if r is None else ("PASS" if r < 1 else "MISS")])
     return rows
 
 
@@ -363,8 +372,12 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     ]
     out += ["### torch.compile of the explicit graph", ""]
     if compile_data:
-        out += [f"Measured separately ({run_stamp(compile_data)}): compiling takes minutes per model "
-                f"and batch size here, too long for `make bench`.", "", speed.render(compile_data), ""]
+        out += [f"Measured separately with `make bench-compile` ({run_stamp(compile_data)}): compiling "
+                f"takes minutes per model and batch size here, too long for `make bench`.", "",
+                speed.render(compile_data), ""]
+        if compile_data["settings"].get("peers"):
+            out += ["The peers, timed in the same rounds as compile=True:", "",
+                    peers.render(speed.peers_from_speed(compile_data)), ""]
     else:
         out += ["Not measured in this run: `python -m benchmarks.speed --models resnet50 --compile --no-onnx "
                 "--json-out benchmarks/results/compile.json` adds it (minutes per model and batch size on this "

@@ -345,7 +345,7 @@ def main(argv=None) -> dict:
 
 def peers_from_speed(payload: dict) -> dict:
     """The peers table's payload from a ``--peers`` speed run (same rounds, same baseline)."""
-    keep = ("forward", "tsgb_eager", *PEERS)
+    keep = ("forward", "tsgb_eager", "tsgb_compiled", *PEERS)
     rows = [{**{k: row[k] for k in ("model", "batch", "size")},
              "times": {k: v for k, v in row["times"].items() if k in keep},
              "medians": {k: v for k, v in row["medians"].items() if k in keep},

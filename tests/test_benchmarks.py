@@ -233,6 +233,32 @@ def test_ort_targets_come_from_a_separate_run_where_the_speed_run_had_none():
     assert ort[("resnet50", 1)] == ("2.50x", "MISS")
 
 
+def _compile_with_peers_payload():
+    """A ``speed --compile --peers`` run: compile=True and the peers in the same rounds."""
+    medians = {"forward": 0.1, "tsgb_eager": 0.15, "tsgb_compiled": 0.08, "captum_gbp": 0.2, "gradcam": 0.11}
+    slower = {**medians, "tsgb_compiled": 0.12}
+    rows = [{"model": "resnet50", "batch": batch, "size": 224, "times": {}, "medians": m,
+             "one_off": {"compile_s": 60.0}, "errors": {}} for batch, m in ((1, medians), (8, slower))]
+    return {"kind": "speed", "machine": MACHINE, "settings": {"size": 224, "repeats": 3, "peers": True},
+            "versions": {}, "rows": rows}
+
+
+def test_compiled_peer_targets_compare_compile_true_with_the_fastest_peer_of_its_own_run():
+    rows = report.target_rows(None, _peers_payload(), None, _compile_with_peers_payload())
+    compiled = {row[2]: (row[3], row[4]) for row in rows if "with compile=True" in row[0]}
+    assert compiled == {1: ("0.73x of pytorch-grad-cam GradCAM", "PASS"),  # 0.08 / 0.11
+                        8: ("1.09x of pytorch-grad-cam GradCAM", "MISS")}  # 0.12 / 0.11
+    eager = [row for row in rows if row[0].startswith("faster than every peer (")]
+    assert [row[3] for row in eager] == ["1.20x of pytorch-grad-cam GradCAM"]  # from the peers run, not this one
+    table = peers.render(speed.peers_from_speed(_compile_with_peers_payload()))
+    assert "tsgb-fx compile=True" in table and "compile=True / fastest peer" in table
+    assert table.splitlines()[-2].endswith("| 0.80x (80.0 ms) | 2.00x (200 ms) | n/a | 1.10x (110 ms) | 1.36x | 0.73x |")
+    no_peers = _compile_with_peers_payload()
+    no_peers["settings"]["peers"] = False
+    assert not [row for row in report.target_rows(None, None, None, no_peers) if "with compile=True" in row[0]]
+    assert "compile=True" not in peers.render(_peers_payload())
+
+
 def test_readme_assembles_sections_and_keeps_foreign_blocks(tmp_path):
     for name, payload in (("speed", _speed_payload()), ("peers", _peers_payload()), ("memory", _memory_payload())):
         (tmp_path / f"{name}.json").write_text(json.dumps(payload))
