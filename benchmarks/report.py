@@ -379,9 +379,8 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
             out += ["The peers, timed in the same rounds as compile=True:", "",
                     peers.render(speed.peers_from_speed(compile_data)), ""]
     else:
-        out += ["Not measured in this run: `python -m benchmarks.speed --models resnet50 --compile --no-onnx "
-                "--json-out benchmarks/results/compile.json` adds it (minutes per model and batch size on this "
-                "machine), and the next report includes it.", ""]
+        out += ["Not measured in this run: `make bench-compile` adds it, with the peers in the same rounds "
+                "(minutes per model and batch size on this machine), and the next report includes it.", ""]
     if onnx_extra:
         out += ["### onnxruntime on the other models", "",
                 f"Measured separately with `make bench-onnx` ({run_stamp(onnx_extra)}): exporting an explainer "
