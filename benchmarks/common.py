@@ -180,6 +180,16 @@ def median_label(rows: Sequence[Mapping], repeats: int) -> str:
     return f"median of {counts[0]}-{counts[-1]} rounds (column rounds: quick rows ran more)"
 
 
+def round_spread(times: Mapping[str, Sequence[float]], case: str, baseline: str) -> tuple[float, float] | None:
+    """Lowest and highest ratio ``case / baseline`` of a single round; None below two rounds.
+
+    The two ran back to back in each round, so the spread is how far one round's ratio moves on
+    this machine: a verdict whose target lies inside it may flip from run to run.
+    """
+    ratios = [c / b for c, b in zip(times.get(case) or (), times.get(baseline) or ()) if b > 0]
+    return (min(ratios), max(ratios)) if len(ratios) >= 2 else None
+
+
 def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
     return {name: (median(values) if values else None) for name, values in times.items()}
 

@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from . import memory, peers, plot, speed
+from . import common, memory, peers, plot, speed
 from .common import RESULTS_DIR, format_ms, format_ratio, format_seconds, markdown_table, ratio, verdict
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +78,12 @@ def gpu_section(folder: Path) -> list[str]:
     return out
 
 
+def spread(row: dict, case: str, baseline: str | None) -> str:
+    """" (rounds 1.19-1.45)": the lowest and highest single-round ratio (:func:`common.round_spread`)."""
+    bounds = common.round_spread(row.get("times") or {}, case, baseline) if baseline else None
+    return "" if bounds is None else f" (rounds {bounds[0]:.2f}-{bounds[1]:.2f})"
+
+
 def busy(row: dict, data: dict) -> str:
     """" (load 4.9)" when the machine's 1-minute load exceeded its cores as the row finished."""
     load_now, cores = row.get("load"), (data.get("machine") or {}).get("cpu_count")
@@ -96,7 +102,8 @@ def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=No
         limit = EAGER_LIMIT.get(row["model"], EAGER_DEFAULT_LIMIT)
         r = ratio(m.get("tsgb_eager"), m.get("forward"))
         rows.append([f"torch eager explain <= {limit}x forward", row["model"], row["batch"],
-                     format_ratio(r) + busy(row, speed_data), verdict(r, limit)])
+                     format_ratio(r) + spread(row, "tsgb_eager", "forward") + busy(row, speed_data),
+                     verdict(r, limit)])
     for row in (speed_data or {}).get("rows", []):
         source, origin = row, ""
         if not _has_ort(row) and _has_ort(separate.get((row["model"], row["batch"]), {})):
@@ -108,7 +115,8 @@ def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=No
             continue
         r = ratio(m.get("ort_tsgb"), m.get("ort_forward"))
         rows.append([f"ORT explainer <= {ORT_LIMIT}x ORT forward", row["model"], row["batch"],
-                     format_ratio(r) + origin + busy(source, onnx_extra if origin else speed_data),
+                     format_ratio(r) + spread(source, "ort_tsgb", "ort_forward") + origin
+                     + busy(source, onnx_extra if origin else speed_data),
                      verdict(r, ORT_LIMIT)])
     rows += peer_rows(peers_data, "tsgb_eager", "faster than every peer (tsgb / fastest peer < 1)")
     for row in (memory_data or {}).get("rows", []):
@@ -139,7 +147,8 @@ def peer_rows(data, case: str, target: str) -> list[list[str]]:
         m = row["medians"]
         name, best = peers.fastest_peer(m)
         r = ratio(m.get(case), best)
-        label = f"{format_ratio(r)} of {peers.LABELS[name]}{busy(row, data)}" if name and r is not None else "n/a"
+        label = (f"{format_ratio(r)} of {peers.LABELS[name]}{spread(row, case, name)}{busy(row, data)}"
+                 if name and r is not None else "n/a")
         rows.append([target, row["model"], row["batch"], label, "n/a" if r is None else ("PASS" if r < 1 else "MISS")])
     return rows
 
@@ -357,7 +366,10 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         "## Issue 4 targets",
         "",
         "Every measured ratio against its target, from the tables below. MISS means the target is not met "
-        "on this run; \"(load N)\" marks a row that finished while the machine's load exceeded its cores.",
+        "on this run; the verdict is on the ratio of the medians, and \"(rounds a-b)\" gives the lowest and "
+        "highest ratio of a single round, where the cases ran back to back: a target inside that range may "
+        "be met in one run and missed in the next. \"(load N)\" marks a row that finished while the "
+        "machine's load exceeded its cores.",
         "",
         markdown_table(["target", "model", "batch", "measured", "verdict"], targets, "llrrl")
         if targets else "_No results._",

@@ -233,6 +233,21 @@ def test_ort_targets_come_from_a_separate_run_where_the_speed_run_had_none():
     assert ort[("resnet50", 1)] == ("2.50x", "MISS")
 
 
+def test_targets_show_the_single_round_spread_of_each_ratio():
+    payload = _speed_payload()  # medians: forward 0.1, eager 0.12, ORT forward 0.08, ORT tsgb 0.2
+    payload["rows"][0]["times"] = {"forward": [0.1, 0.1, 0.2], "tsgb_eager": [0.11, 0.12, 0.24],
+                                   "ort_forward": [0.08, 0.1, 0.08], "ort_tsgb": [0.2, 0.2, 0.16]}
+    peers_payload = _peers_payload()  # medians: tsgb 0.12, fastest peer Grad-CAM 0.1
+    peers_payload["rows"][0]["times"] = {"tsgb_eager": [0.12, 0.13], "gradcam": [0.1, 0.13]}
+    rows = report.target_rows(payload, peers_payload, None, None)
+    measured = {(row[0].split(" <=")[0].split(" (")[0], row[1]): row[3] for row in rows}
+    assert measured[("torch eager explain", "resnet50")] == "1.20x (rounds 1.10-1.20)"  # 0.11/0.1 .. 0.24/0.2
+    assert measured[("ORT explainer", "resnet50")] == "2.50x (rounds 2.00-2.50)"
+    assert measured[("faster than every peer", "resnet50")] == "1.20x of pytorch-grad-cam GradCAM (rounds 1.00-1.20)"
+    assert measured[("torch eager explain", "vgg16")] == "1.40x"  # no rounds recorded: no spread claimed
+    assert common.round_spread({"forward": [0.1], "tsgb_eager": [0.2]}, "tsgb_eager", "forward") is None
+
+
 def _compile_with_peers_payload():
     """A ``speed --compile --peers`` run: compile=True and the peers in the same rounds."""
     medians = {"forward": 0.1, "tsgb_eager": 0.15, "tsgb_compiled": 0.08, "captum_gbp": 0.2, "gradcam": 0.11}
