@@ -52,7 +52,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 bench: $(BIN)/.bench-installed
 	@mkdir -p $(BENCH_RESULTS)
 	@date +%s > $(BENCH_RESULTS)/started
-	$(BIN)/python -m benchmarks.speed --models $(BENCH_MODELS) --batch-sizes 1 8 $(BENCH_ARGS) --warmup-next 0 \
+	$(BIN)/python -m benchmarks.speed --models $(BENCH_MODELS) --batch-sizes 1 8 $(BENCH_ARGS) \
 		--min-seconds $(BENCH_MIN_SECONDS) \
 		--onnx-models $(BENCH_ONNX_MODELS) --peers \
 		--json-out $(BENCH_RESULTS)/speed.json --peers-json-out $(BENCH_RESULTS)/peers.json

@@ -436,8 +436,8 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     out += [
         "## How it is measured",
         "",
-        "- Timing: `time.perf_counter`; each case is called once untimed (warm-up; `make bench` warms up "
-        "at a model's first batch size only, `--warmup-next 0`), then all cases of a row run round-robin "
+        "- Timing: `time.perf_counter`; each case of a row is called once untimed at the row's own input "
+        "size (warm-up: a new shape's first calls are slower), then all cases of the row run round-robin "
         "for the given number of rounds and each case's **median** is reported. A slow spell of the "
         "machine therefore hits all cases of a round. On CUDA each call is synchronised.",
         "- Baseline: the same model's forward under `torch.inference_mode()`; ORT columns are relative to "
