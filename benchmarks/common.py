@@ -263,19 +263,11 @@ def parser(description: str, *, models: Sequence[str] = ("resnet50",), batch_siz
     p.add_argument("--min-seconds", type=float, default=0.0,
                    help=f"add rounds (up to {MAX_ROUNDS_FACTOR}x --repeats) until a row's rounds have run this long")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case before the rounds")
-    p.add_argument("--warmup-next", type=int, default=None,
-                   help="warm-up calls at a model's later batch sizes (default: --warmup); the model is warm by then")
     p.add_argument("--threads", type=int, default=None, help="torch (and ORT) intra-op threads; default torch's")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json-out", type=Path, default=None, help="write the raw numbers here (report.py reads them)")
     p.add_argument("--markdown-out", type=Path, default=None, help="write the printed table here")
     return p
-
-
-def warmup_for(args: argparse.Namespace, batch_index: int) -> int:
-    """Warm-up calls for a model's ``batch_index``-th batch size (see --warmup-next)."""
-    later = getattr(args, "warmup_next", None)
-    return args.warmup if batch_index == 0 or later is None else later
 
 
 def check_device(device: str) -> None:
@@ -375,5 +367,4 @@ def settings(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "min_seconds": getattr(args, "min_seconds", 0.0),
         "warmup": args.warmup,
-        "warmup_next": args.warmup if getattr(args, "warmup_next", None) is None else args.warmup_next,
     }

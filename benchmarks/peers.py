@@ -151,7 +151,7 @@ def run(args) -> dict:
         with torch.inference_mode():
             classes = model(common.make_input(1, args.size, args.device)).shape[1]
         peers = Peers(model, classes, args.gradcam_trainable)
-        for index, batch in enumerate(args.batch_sizes):
+        for batch in args.batch_sizes:
             print(f"{name} batch {batch}: timing", file=sys.stderr, flush=True)
             x = common.make_input(batch, args.size, args.device)
 
@@ -161,7 +161,7 @@ def run(args) -> dict:
 
             cases = {"forward": forward, "tsgb_eager": lambda: explainer(x, target=TARGET_CLASS).saliency}
             cases.update(peers.cases(x))
-            times = common.time_cases(cases, repeats=args.repeats, warmup=common.warmup_for(args, index), sync=sync,
+            times = common.time_cases(cases, repeats=args.repeats, warmup=args.warmup, sync=sync,
                                       min_seconds=args.min_seconds)
             rows.append({"model": name, "batch": batch, "size": args.size, "times": times,
                          "medians": common.medians(times), "errors": dict(peers.errors), "load": common.load_now()})

@@ -221,7 +221,7 @@ def run(args) -> dict:
             with torch.inference_mode():
                 classes = model(example[:1]).shape[1]
             peer_methods = Peers(model, classes, args.gradcam_trainable)
-        for index, batch in enumerate(args.batch_sizes):
+        for batch in args.batch_sizes:
             print(f"{name} batch {batch}: timing", file=sys.stderr, flush=True)
             x = common.make_input(batch, args.size, args.device)
             row_one_off = dict(one_off)
@@ -244,7 +244,7 @@ def run(args) -> dict:
                 cases.update(ort_pair.cases(x))
             if peer_methods is not None:
                 cases.update(peer_methods.cases(x))
-            times = common.time_cases(cases, repeats=args.repeats, warmup=common.warmup_for(args, index), sync=sync,
+            times = common.time_cases(cases, repeats=args.repeats, warmup=args.warmup, sync=sync,
                                       min_seconds=args.min_seconds)
             row = {"model": name, "batch": batch, "size": args.size, "times": times,
                    "medians": common.medians(times), "one_off": row_one_off, "load": common.load_now()}
