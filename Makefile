@@ -31,10 +31,10 @@ test-all: venv
 	OMP_NUM_THREADS=1 $(PYTEST) -n 2 -m ''
 
 # Issue 4: speed with the peers in the same rounds, memory and scaling, then benchmarks/README.md
-# rewritten from benchmarks/results/*.json (the quality section is kept). 14 minutes measured on
-# these 2 shared cores. ORT runs on BENCH_ONNX_MODELS only: exporting the explainer takes 1-12 min per
-# model here. compile=True is a separate target, `make bench-compile` (a cold torch.compile per
-# model and batch size, 1-2 minutes each here), whose results the report picks up.
+# rewritten from benchmarks/results/*.json (the quality section is kept). 12 minutes measured on
+# these 2 shared cores. ORT runs on BENCH_ONNX_MODELS only: exporting an explainer takes 0.5-2 min per
+# model here (the one-off tables). compile=True is a separate target, `make bench-compile` (a cold
+# torch.compile per model and batch size, 0.5-4 minutes each here), whose results the report picks up.
 # Rows whose rounds are quick get more of them (BENCH_MIN_SECONDS, see benchmarks/common.py).
 # Override e.g. `make bench BENCH_MODELS=resnet50 BENCH_REPEATS=5 BENCH_THREADS=1`.
 BENCH_MODELS ?= resnet50 vgg16 densenet121 mobilenet_v2 efficientnet_b0

@@ -2,9 +2,9 @@
 
 Reads ``benchmarks/results/{speed,compile,onnx_extra,peers,memory,scaling}.json`` (any may be
 missing: its section then says so) and, where present, ``benchmarks/results/gpu/*.json``
-(``benchmarks/gpu.sh``), and rewrites README.md: the machine and its caveats, issue 4's targets with PASS/MISS next to each
-measured ratio, the tables, the scaling plot and a paragraph on how cost grows with batch and
-image size. Nothing here measures; ``make bench`` runs the scripts first.
+(``benchmarks/gpu.sh``), and rewrites README.md: the machine and its caveats, issue 4's targets
+with PASS/MISS next to each measured ratio, the tables, the scaling plot and a paragraph on how
+cost grows with batch and image size. Nothing here measures; ``make bench`` runs the scripts first.
 ``python -m benchmarks.report --results DIR --out FILE`` for other places.
 """
 
@@ -466,11 +466,11 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         "`--repeats`) until its rounds have run `--min-seconds`; the batch-1 rows, whose verdicts flipped "
         "between runs at 3 rounds, get most of them. Rerun a row with more `--repeats` before drawing "
         "fine conclusions.",
-        "- One-off costs (tracing, ONNX export, torch.compile) are not in the per-call ratios. Exporting "
-        "the explainer to ONNX is itself slow on this machine (measured once under load: about 1 minute "
-        "for VGG-16 and 2 for ResNet-50, 2.5 for MobileNetV2, 4.5 for EfficientNet-B0, 11.5 for "
-        "DenseNet-121), so `make bench` runs ORT on `BENCH_ONNX_MODELS` (ResNet-50) only; rows without "
-        "ORT numbers say so in the targets table.",
+        "- One-off costs (tracing, ONNX export, torch.compile) are not in the per-call ratios; the one-off "
+        "tables give them per run. Exporting an explainer to ONNX takes half a minute to two minutes per "
+        "model on this machine (DenseNet-121 the longest), so `make bench` runs ORT on "
+        "`BENCH_ONNX_MODELS` (ResNet-50) only and `make bench-onnx` the others; rows without ORT numbers "
+        "say so in the targets table.",
         "- Threads: torch's default (one per core). When other processes compete for the 2 cores, every "
         "parallel op waits at its barrier for a descheduled thread: in one trial a 20 ms MobileNetV2 "
         "forward took 2 s. The load averages above tell whether that happened; `make bench "
