@@ -2,7 +2,7 @@
 # Issue 4 on a CUDA machine: the same speed and memory ratios as on the CPU, in milliseconds and
 # MiB, for ResNet-50 at batch 1 and 8. ORT columns use CUDAExecutionProvider when onnxruntime-gpu
 # is installed (pip install 'tsgb-fx[gpu]'), and are skipped otherwise. Finishes in under 5
-# minutes (each step has a hard timeout); never run by the tests.
+# minutes for ResNet-50 (each step has a hard timeout); never run by the tests.
 #
 #   benchmarks/gpu.sh                     # from the repository root, with .venv or python3 on PATH
 #   RESULTS=/some/dir benchmarks/gpu.sh   # where the JSON/markdown go (default: $OUT if set, else
@@ -11,7 +11,9 @@
 # Overrides for a smoke test without a GPU: DEVICE=cpu MODELS=resnet18 SIZE=64 REPEATS=1 ONNX=0
 # More models need longer step limits, e.g. MODELS="vgg16 densenet121" SPEED_SECONDS=240.
 # COMPILE=1 adds compile=True (one cold torch.compile per model and batch size, each model in its
-# own run of at most COMPILE_SECONDS, default 150).
+# own run of at most COMPILE_SECONDS, default 150) for COMPILE_MODELS (default: MODELS).
+# TESTS=1 (the default) first runs the tests that skip without a GPU (CUDA against CPU maps,
+# CUDA graphs), at most TESTS_SECONDS (default 240); TESTS=0 skips them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +28,9 @@ ONNX=${ONNX:-1}
 SPEED_SECONDS=${SPEED_SECONDS:-90}
 COMPILE=${COMPILE:-0}
 COMPILE_SECONDS=${COMPILE_SECONDS:-150}
+COMPILE_MODELS=${COMPILE_MODELS:-$MODELS}
+TESTS=${TESTS:-1}
+TESTS_SECONDS=${TESTS_SECONDS:-240}
 MEMORY_SECONDS=${MEMORY_SECONDS:-55}
 RESULTS=${RESULTS:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$RESULTS"
@@ -48,6 +53,15 @@ except ImportError:
     print("onnxruntime not installed: ORT columns skipped")
 EOF
 
+tests_rc=0
+if [ "$TESTS" = 1 ]; then
+    echo "== tests that need CUDA (they skip elsewhere), slow ones included"
+    timeout "$TESTS_SECONDS" "$PY" -m pytest -q -p no:cacheprovider -m "slow or not slow" -k cuda \
+        tests/test_explainer.py tests/test_compiled.py tests/test_cli.py 2>&1 | tee "$RESULTS/tests.txt"
+    tests_rc=${PIPESTATUS[0]}
+    [ $tests_rc = 0 ] || echo "tests: exit $tests_rc (124 = ran past its $TESTS_SECONDS s)"
+fi
+
 # speed NAME SECONDS MODELS FLAGS...: one benchmarks.speed run (batch 1 and 8) under a hard
 # timeout, written to $RESULTS/NAME.json and NAME.md; returns its exit status
 speed() {
@@ -65,14 +79,6 @@ echo "== speed, torch (ms and ratio to the plain forward)"
 speed speed "$SPEED_SECONDS" "$MODELS" --no-onnx
 speed_rc=$?
 
-compile_rc=0
-if [ "$COMPILE" = 1 ]; then
-    echo "== compile=True (torch.compile of the explicit graph; cold compile time in the one-off table)"
-    for model in $MODELS; do
-        speed "compile_$model" "$COMPILE_SECONDS" "$model" --no-onnx --no-explicit --compile || compile_rc=1
-    done
-fi
-
 echo "== memory (peak above the state before the call; explain vs forward with a grad-requiring input)"
 timeout "$MEMORY_SECONDS" "$PY" -m benchmarks.memory --device "$DEVICE" --models $MODELS --batch-sizes 1 8 --size "$SIZE" \
     --cases forward_grad gradient tsgb_eager \
@@ -80,7 +86,16 @@ timeout "$MEMORY_SECONDS" "$PY" -m benchmarks.memory --device "$DEVICE" --models
 memory_rc=$?
 [ $memory_rc = 0 ] || echo "memory: exit $memory_rc (124 = ran past its $MEMORY_SECONDS s)"
 
-# ORT last: the two ONNX exports take the longest, and the torch numbers above are already safe.
+# compile=True and ORT last: cold compiles and the two ONNX exports take the longest, and the
+# torch numbers above are then already safe.
+compile_rc=0
+if [ "$COMPILE" = 1 ]; then
+    echo "== compile=True (torch.compile of the explicit graph; cold compile time in the one-off table)"
+    for model in $COMPILE_MODELS; do
+        speed "compile_$model" "$COMPILE_SECONDS" "$model" --no-onnx --no-explicit --compile || compile_rc=1
+    done
+fi
+
 ort_rc=0
 if [ "$ONNX" = 1 ] && "$PY" -c "import sys, onnxruntime as o; sys.exit('CUDAExecutionProvider' not in o.get_available_providers() and '$DEVICE' != 'cpu')" 2>/dev/null; then
     echo "== speed with onnxruntime (ORT ratio: the exported explainer to ORT's own forward)"
@@ -91,4 +106,4 @@ else
 fi
 
 echo "== done in $(( $(date +%s) - started )) s; results in $RESULTS"
-[ $speed_rc = 0 ] && [ $compile_rc = 0 ] && [ $memory_rc = 0 ] && [ $ort_rc = 0 ]
+[ $tests_rc = 0 ] && [ $speed_rc = 0 ] && [ $compile_rc = 0 ] && [ $memory_rc = 0 ] && [ $ort_rc = 0 ]

@@ -12,7 +12,7 @@ from torch import nn
 
 import tsgb_fx
 
-from .helpers import randomise_batch_norm
+from .helpers import map_error, randomise_batch_norm
 
 
 class SmallNet(nn.Module):
@@ -329,3 +329,18 @@ def test_cuda_matches_cpu():
     cpu = tsgb_fx.explainer(model)(x)
     gpu = tsgb_fx.explainer(copy.deepcopy(model)).to("cuda")(x.cuda())
     torch.testing.assert_close(gpu.saliency.cpu(), cpu.saliency, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_cuda_matches_cpu_on_full_size_models(name):
+    """The paths that differ by device (batch-chunked channel sums on the CPU only; folded batch
+    norms, ReLU6 and SiLU folds, depthwise masks on both) give the same maps: float64, so no TF32
+    and only the summation order differs, at 224x224, where the CPU chunks its channel sums."""
+    torch.manual_seed(0)
+    model = randomise_batch_norm(torchvision.models.get_model(name, num_classes=10)).eval().double()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    cpu = tsgb_fx.explainer(model)(x, target=[1, 7])
+    gpu = tsgb_fx.explainer(copy.deepcopy(model).cuda())(x.cuda(), target=[1, 7])
+    assert map_error(gpu.saliency, cpu.saliency) < 1e-8
+    torch.testing.assert_close(gpu.logits.cpu(), cpu.logits)
