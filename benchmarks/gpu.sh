@@ -9,7 +9,8 @@
 #                                         # benchmarks/results/gpu)
 #
 # Overrides for a smoke test without a GPU: DEVICE=cpu MODELS=resnet18 SIZE=64 REPEATS=1 ONNX=0
-# More models need longer step limits, e.g. MODELS="vgg16 densenet121" SPEED_SECONDS=240.
+# More models need longer step limits: all five took 100 s of speed and 200 s of memory (13 s per
+# model, case and batch size, each a fresh process) on an H100, e.g. SPEED_SECONDS=240 MEMORY_SECONDS=240.
 # COMPILE=1 adds compile=True (one cold torch.compile per model and batch size, each model in its
 # own run of at most COMPILE_SECONDS, default 150) for COMPILE_MODELS (default: MODELS).
 # TESTS=1 (the default) first runs the tests that skip without a GPU (CUDA against CPU maps,
@@ -56,7 +57,7 @@ EOF
 tests_rc=0
 if [ "$TESTS" = 1 ]; then
     echo "== tests that need CUDA (they skip elsewhere), slow ones included"
-    timeout "$TESTS_SECONDS" "$PY" -m pytest -q -p no:cacheprovider -m "slow or not slow" -k cuda \
+    timeout "$TESTS_SECONDS" "$PY" -m pytest -p no:cacheprovider -rs -m "slow or not slow" -k cuda \
         tests/test_explainer.py tests/test_compiled.py tests/test_cli.py 2>&1 | tee "$RESULTS/tests.txt"
     tests_rc=${PIPESTATUS[0]}
     [ $tests_rc = 0 ] || echo "tests: exit $tests_rc (124 = ran past its $TESTS_SECONDS s)"

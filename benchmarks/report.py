@@ -48,8 +48,7 @@ def merged(paths: list[Path]) -> dict | None:
 def gpu_section(folder: Path) -> list[str]:
     """The CUDA results of ``benchmarks/gpu.sh`` (copied into ``folder``), or a line saying there are none.
 
-    ``speed*.json`` and ``memory*.json`` are gpu.sh's two steps, ``compile_*.json`` its COMPILE=1
-    step; ``nocudagraphs_*.json``, where kept, are compile=True runs from before it replayed CUDA graphs.
+    ``speed*.json`` and ``memory*.json`` are gpu.sh's two steps, ``compile_*.json`` its COMPILE=1 step.
     """
     speed_data = merged(list(folder.glob("speed*.json")))
     if speed_data is None:
@@ -66,10 +65,6 @@ def gpu_section(folder: Path) -> list[str]:
     if compiled is not None:
         out += ["compile=True on CUDA (`COMPILE=1`): the explicit graph compiled with "
                 "`mode=\"reduce-overhead\"`, i.e. replayed as one CUDA graph:", "", speed.render(compiled), ""]
-    plain = merged(list(folder.glob("nocudagraphs_*.json")))
-    if plain is not None:
-        out += ["The same, compiled in torch.compile's default mode (before compile=True used CUDA graphs "
-                "on CUDA): each kernel is still launched from Python.", "", speed.render(plain), ""]
     memory_data = merged(list(folder.glob("memory*.json")))
     if memory_data is not None:
         out += [memory.render(memory_data), ""]
