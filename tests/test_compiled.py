@@ -48,6 +48,36 @@ def test_compiled_explainer_matches_the_reference_and_is_reused():
     assert len(e.compiled_graphs) == 0
 
 
+def test_compiled_graphs_follow_weight_updates_and_leave_the_model_alone():
+    """On a CPU the weights are frozen into the compiled code as constants: an in-place update
+    (a new version) or new storage (``.data =``) must make the next call compile afresh."""
+    model = _small_cnn()
+    untouched = {name: t.clone() for name, t in model.state_dict().items()}
+    e = tsgb_fx.explainer(model, compile=True)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    e(x, target=target)
+    for name, t in model.state_dict().items():  # freezing read the weights and changed none
+        assert torch.equal(t, untouched[name]), name
+
+    def check():
+        expected = reference_saliency(swap_in_reference_rules(model, "7"), x, target)
+        result = e(x, target=target)
+        assert relative_error(result.saliency, expected) < 1e-9
+        torch.testing.assert_close(result.logits, model(x).detach())
+
+    with torch.no_grad():
+        model[0].weight.mul_(-0.5)  # a convolution whose batch norm a frozen graph folds into it
+        model[1].running_var.add_(1.0)
+    check()
+    model[7].weight.data = torch.randn_like(model[7].weight)  # the classifier: new storage
+    check()
+    e(x[:1], target=target[:1])  # another batch size: compiled again, from the current weights
+    with torch.no_grad():
+        model[3].bias.add_(0.25)
+    check()
+
+
 def test_compile_flag_is_checked():
     with pytest.raises(TypeError, match="compile must be True or False"):
         tsgb_fx.explainer(_small_cnn(), compile="yes")

@@ -18,9 +18,18 @@ graph against a 7.3 ms eager forward and a 24 ms eager explanation, benchmarks/R
 writes into the same output buffers every time, so each call's outputs are cloned before they
 are returned. Each distinct batch size records a CUDA graph of its own on its first call.
 
-Graphs are traced from the explainer's current weights: tensors updated in place (an optimiser
-step, ``load_state_dict``) are seen, as the graph's buffers alias them; moving or converting
-the explainer (``.to``, ``.double()``) drops the graphs so the next call traces afresh.
+Elsewhere (a CPU) the graph is compiled with Inductor's ``freezing``: the weights become
+constants of the compiled code, so Inductor folds what depends on weights alone (the batch norms
+that follow convolutions, into their weights) and packs each convolution's weights once into
+the layout its kernel reads, instead of on every call. That is most of a forward's time at batch
+1 on a CPU: ResNet-50's compiled explanation went from 124 to 96 ms (its eager forward: 122 ms).
+
+Graphs are traced from the explainer's current weights. Unfrozen (CUDA), tensors updated in
+place (an optimiser step, ``load_state_dict``) are seen, as the graph's buffers alias them. A
+frozen graph holds its own (packed) copies, so each call first compares every weight's storage
+and version counter with those it was compiled from (0.2 ms for DenseNet-121's 727 tensors) and
+compiles afresh after a change, from the new values. Moving or converting the explainer (``.to``, ``.double()``) drops
+the graphs, so the next call traces afresh.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ class CompiledGraphs:
     """One compiled explicit graph per input signature, built on first use and then reused."""
 
     def __init__(self):
-        self._graphs: dict[tuple, object] = {}
+        self._graphs: dict[tuple, tuple[object, WeightState | None]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, explainer, image: torch.Tensor, target: torch.Tensor):
@@ -54,11 +63,15 @@ class CompiledGraphs:
 
         key = (tuple(image.shape[1:]), image.dtype, image.device)
         with self._lock:
-            if key not in self._graphs:
+            graph, weights = self._graphs.get(key, (None, None))
+            if graph is None or (weights is not None and weights.changed()):
                 module = explicit_module(explainer, image, with_attribution=True)
-                mode = "reduce-overhead" if replays_cuda_graphs(image.device) else None
-                self._graphs[key] = torch.compile(module, mode=mode)
-            return self._graphs[key]
+                if replays_cuda_graphs(image.device):
+                    graph, weights = torch.compile(module, mode="reduce-overhead"), None
+                else:  # frozen: the weights are read once, at the graph's first call
+                    graph, weights = torch.compile(module, options={"freezing": True}), WeightState(explainer)
+                self._graphs[key] = (graph, weights)
+            return graph
 
     def clear(self) -> None:
         with self._lock:
@@ -71,3 +84,22 @@ class CompiledGraphs:
 def replays_cuda_graphs(device: torch.device) -> bool:
     """Whether graphs for ``device`` are compiled as CUDA graphs (``mode="reduce-overhead"``)."""
     return device.type == "cuda"
+
+
+class WeightState:
+    """The storage and version counter of every parameter and buffer of a module, as they were.
+
+    An in-place update bumps a tensor's version counter (``optimizer.step``, ``load_state_dict``,
+    ``mul_``), and ``.data = ...`` gives it new storage: either means values a frozen graph
+    may not hold. The tensors are kept by reference, so each check reads them as they are now.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self._tensors = [*module.parameters(), *module.buffers()]
+        self._state = self._read()
+
+    def _read(self) -> list[tuple[int, int]]:
+        return [(t.data_ptr(), t._version) for t in self._tensors]
+
+    def changed(self) -> bool:
+        return self._read() != self._state
