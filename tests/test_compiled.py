@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import tsgb_fx
+from tsgb_fx.compiled import WeightState
 
 from .helpers import randomise_batch_norm, relative_error
 from .reference_tsgb import reference_saliency, swap_in_reference_rules
@@ -48,23 +51,25 @@ def test_compiled_explainer_matches_the_reference_and_is_reused():
     assert len(e.compiled_graphs) == 0
 
 
-def test_compiled_graphs_follow_weight_updates_and_leave_the_model_alone():
-    """On a CPU the weights are frozen into the compiled code as constants: an in-place update
-    (a new version) or new storage (``.data =``) must make the next call compile afresh."""
-    model = _small_cnn()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
+def test_compiled_graphs_follow_weight_updates_and_leave_the_model_alone(dtype, tolerance):
+    """float32 on a CPU: the weights are frozen into the compiled code, so an in-place update (a
+    new version) or new storage (``.data =``) must make the next call compile afresh. float64:
+    the graph aliases the weights, and must still notice new storage. Against a float64 reference."""
+    model = _small_cnn().to(dtype)
     untouched = {name: t.clone() for name, t in model.state_dict().items()}
     e = tsgb_fx.explainer(model, compile=True)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     target = torch.tensor([1, 3])
-    e(x, target=target)
+    e(x.to(dtype), target=target)
     for name, t in model.state_dict().items():  # freezing read the weights and changed none
         assert torch.equal(t, untouched[name]), name
 
     def check():
-        expected = reference_saliency(swap_in_reference_rules(model, "7"), x, target)
-        result = e(x, target=target)
-        assert relative_error(result.saliency, expected) < 1e-9
-        torch.testing.assert_close(result.logits, model(x).detach())
+        reference = swap_in_reference_rules(copy.deepcopy(model).double(), "7")
+        result = e(x.to(dtype), target=target)
+        assert relative_error(result.saliency.double(), reference_saliency(reference, x, target)) < tolerance
+        torch.testing.assert_close(result.logits, model(x.to(dtype)).detach())
 
     with torch.no_grad():
         model[0].weight.mul_(-0.5)  # a convolution whose batch norm a frozen graph folds into it
@@ -72,10 +77,40 @@ def test_compiled_graphs_follow_weight_updates_and_leave_the_model_alone():
     check()
     model[7].weight.data = torch.randn_like(model[7].weight)  # the classifier: new storage
     check()
-    e(x[:1], target=target[:1])  # another batch size: compiled again, from the current weights
+    e(x[:1].to(dtype), target=target[:1])  # another batch size: compiled again, from the current weights
     with torch.no_grad():
         model[3].bias.add_(0.25)
     check()
+
+
+def test_float32_graphs_on_a_cpu_hold_their_weights_as_constants():
+    """Freezing is in effect (torch.compile's options={"freezing": True} is silently ignored):
+    the compiled graph itself, called without the explainer's weight check, keeps the old values."""
+    model = _small_cnn().float()
+    e = tsgb_fx.explainer(model, compile=True)
+    x = torch.randn(2, 3, 16, 16)
+    target = torch.tensor([1, 3])
+    before = e(x, target=target).logits
+    ((graph, _weights),) = e.compiled_graphs._graphs.values()
+    with torch.no_grad():
+        model[7].bias.add_(1.0)
+    with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+        stale_logits = graph(x, target)[0]
+    torch.testing.assert_close(stale_logits, before)
+    torch.testing.assert_close(e(x, target=target).logits, before + 1.0)
+
+
+def test_weight_state_sees_new_storage_always_and_new_versions_where_frozen():
+    """What makes a graph recompile: a frozen one copied the values, an aliasing one (CUDA) reads
+    the same storage and so sees in-place updates, but not a tensor moved to new storage."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    aliasing, frozen = WeightState(model, frozen=False), WeightState(model, frozen=True)
+    assert not aliasing.changed() and not frozen.changed()
+    with torch.no_grad():
+        model[1].running_mean.add_(1.0)
+    assert frozen.changed() and not aliasing.changed()
+    model[0].weight.data = model[0].weight.data.clone()
+    assert aliasing.changed()
 
 
 def test_compile_flag_is_checked():

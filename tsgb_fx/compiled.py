@@ -7,8 +7,10 @@ ops, which Inductor fuses into a few kernels per layer: on ResNet-50 this brings
 close to the cost of a forward pass (benchmarks/README.md).
 
 The price is a one-off compile on the first call for each input signature (channels, spatial
-size, dtype, device): about a minute for ResNet-50 on a CPU. A second batch size compiles once
-more, with a dynamic batch from then on (``torch.compile``'s automatic dynamic shapes).
+size, dtype, device): about a minute for ResNet-50 on a CPU. On CUDA and in float64 a second
+batch size compiles once more, with a dynamic batch from then on (``torch.compile``'s automatic
+dynamic shapes); a frozen graph (below) holds one batch size, so there each batch size
+compiles once.
 
 On CUDA the graph is compiled with ``mode="reduce-overhead"``: its kernels are replayed as one
 CUDA graph. An explanation is hundreds of small kernels, and at batch sizes up to 8 launching
@@ -18,22 +20,27 @@ graph against a 7.3 ms eager forward and a 24 ms eager explanation, benchmarks/R
 writes into the same output buffers every time, so each call's outputs are cloned before they
 are returned. Each distinct batch size records a CUDA graph of its own on its first call.
 
-Elsewhere (a CPU) the graph is compiled with Inductor's ``freezing``: the weights become
+On a CPU, in float32, the graph is compiled with Inductor's ``freezing``: the weights become
 constants of the compiled code, so Inductor folds what depends on weights alone (the batch norms
 that follow convolutions, into their weights) and packs each convolution's weights once into
 the layout its kernel reads, instead of on every call. That is most of a forward's time at batch
 1 on a CPU: ResNet-50's compiled explanation went from 124 to 96 ms (its eager forward: 122 ms).
+Freezing fixes the batch size: it writes the traced graph's symbolic batch into the module as a
+constant (torch 2.14), and a recompile of that module for another batch size then fails inside
+Dynamo. So a frozen graph is compiled with ``dynamic=False``, one per batch size.
 
-Graphs are traced from the explainer's current weights. Unfrozen (CUDA), tensors updated in
+Graphs are traced from the explainer's current weights. Unfrozen (CUDA, float64), tensors updated in
 place (an optimiser step, ``load_state_dict``) are seen, as the graph's buffers alias them. A
-frozen graph holds its own (packed) copies, so each call first compares every weight's storage
-and version counter with those it was compiled from (0.2 ms for DenseNet-121's 727 tensors) and
-compiles afresh after a change, from the new values. Moving or converting the explainer (``.to``, ``.double()``) drops
-the graphs, so the next call traces afresh.
+frozen graph holds its own (packed) copies. So each call first compares every weight's storage,
+and where frozen its version counter, with those the graph was compiled from (0.2 ms for
+DenseNet-121's 727 tensors), and compiles afresh after a change, from the new values. Moving
+or converting the explainer (``.to``, ``.double()``) drops the graphs, so the next call traces
+afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -43,14 +50,17 @@ class CompiledGraphs:
     """One compiled explicit graph per input signature, built on first use and then reused."""
 
     def __init__(self):
-        self._graphs: dict[tuple, tuple[object, WeightState | None]] = {}
+        self._graphs: dict[tuple, tuple[object, WeightState]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, explainer, image: torch.Tensor, target: torch.Tensor):
         """``(logits, attribution)`` for ``image`` (N, C, *S) and ``target`` (N,), ``< 0`` for top-1."""
         graph = self._graph(explainer, image)
         cuda_graph = replays_cuda_graphs(image.device)
-        with torch.inference_mode():
+        # Dynamo reads the freezing flag as it traces, inside a call (the first, and a recompile
+        # for a new batch size), not in torch.compile: there, options={"freezing": True} goes unseen.
+        freezing = torch._inductor.config.patch(freezing=True) if freezes(image) else contextlib.nullcontext()
+        with torch.inference_mode(), freezing:
             if cuda_graph:
                 torch.compiler.cudagraph_mark_step_begin()  # a new call: earlier outputs may be reused
             logits, _saliency, attribution = graph(image, target)
@@ -61,16 +71,16 @@ class CompiledGraphs:
     def _graph(self, explainer, image: torch.Tensor):
         from .explicit import explicit_module
 
-        key = (tuple(image.shape[1:]), image.dtype, image.device)
+        frozen = freezes(image)
+        key = (tuple(image.shape if frozen else image.shape[1:]), image.dtype, image.device)
         with self._lock:
             graph, weights = self._graphs.get(key, (None, None))
-            if graph is None or (weights is not None and weights.changed()):
+            if graph is None or weights.changed():
                 module = explicit_module(explainer, image, with_attribution=True)
-                if replays_cuda_graphs(image.device):
-                    graph, weights = torch.compile(module, mode="reduce-overhead"), None
-                else:  # frozen: the weights are read once, at the graph's first call
-                    graph, weights = torch.compile(module, options={"freezing": True}), WeightState(explainer)
-                self._graphs[key] = (graph, weights)
+                mode = "reduce-overhead" if replays_cuda_graphs(image.device) else None
+                # frozen: the weights are read once, at the graph's first call; else aliased
+                graph = torch.compile(module, mode=mode, dynamic=False if frozen else None)
+                self._graphs[key] = (graph, WeightState(explainer, frozen=frozen))
             return graph
 
     def clear(self) -> None:
@@ -86,20 +96,34 @@ def replays_cuda_graphs(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-class WeightState:
-    """The storage and version counter of every parameter and buffer of a module, as they were.
+def freezes(image: torch.Tensor) -> bool:
+    """Whether the graph for ``image`` is compiled with its weights frozen in: float32 on a CPU.
 
-    An in-place update bumps a tensor's version counter (``optimizer.step``, ``load_state_dict``,
-    ``mul_``), and ``.data = ...`` gives it new storage: either means values a frozen graph
-    may not hold. The tensors are kept by reference, so each check reads them as they are now.
+    Not on CUDA, where the gain is in the CUDA graph; not in float64, whose weights Inductor's
+    oneDNN packing refuses (``itensor_view_from_dense expects float/bfloat16/half``).
+    """
+    return image.device.type == "cpu" and image.dtype == torch.float32
+
+
+class WeightState:
+    """Where every parameter and buffer of a module lives, and for ``frozen`` graphs its version.
+
+    ``.data = ...`` (also ``model.to(...)`` on the model the explainer shares tensors with) gives
+    a tensor new storage, which no compiled graph sees: it aliased, or copied, the old one. An
+    in-place update (``optimizer.step``, ``load_state_dict``, ``mul_``) bumps the version counter,
+    which matters only to a frozen graph, as an aliasing one reads the new values anyway. The
+    tensors are kept by reference, so each check reads them as they are now.
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, frozen: bool):
         self._tensors = [*module.parameters(), *module.buffers()]
+        self._frozen = frozen
         self._state = self._read()
 
-    def _read(self) -> list[tuple[int, int]]:
-        return [(t.data_ptr(), t._version) for t in self._tensors]
+    def _read(self) -> list:
+        if self._frozen:
+            return [(t.data_ptr(), t._version) for t in self._tensors]
+        return [t.data_ptr() for t in self._tensors]
 
     def changed(self) -> bool:
         return self._read() != self._state

@@ -327,9 +327,10 @@ def explainer(
             auxiliary outputs): the index, key or field of the logits, or a callable that takes
             the output and returns them. Applied once to the graph; the rest is dropped.
         compile: explain with ``torch.compile`` of the explicit graph (:mod:`tsgb_fx.compiled`):
-            fused kernels, several times faster per call for methods with rules, at the price of
-            a one-off compile (about a minute for ResNet-50 on a CPU) on the first call for each
-            input size, dtype and device. Same maps as the eager explainer.
+            fused kernels, on a CPU with the weights frozen in, on CUDA replayed as one CUDA
+            graph; at the price of a one-off compile (about a minute for ResNet-50 on a CPU) on
+            the first call for each input size, dtype and device, and again after the weights
+            change. Same maps as the eager explainer.
 
     Raises:
         tsgb_fx.TraceError: the model could not be traced; the message names the module or line
