@@ -23,19 +23,21 @@ are returned. Each distinct batch size records a CUDA graph of its own on its fi
 On a CPU, in float32, the graph is compiled with Inductor's ``freezing``: the weights become
 constants of the compiled code, so Inductor folds what depends on weights alone (the batch norms
 that follow convolutions, into their weights) and packs each convolution's weights once into
-the layout its kernel reads, instead of on every call. That is most of a forward's time at batch
-1 on a CPU: ResNet-50's compiled explanation went from 124 to 96 ms (its eager forward: 122 ms).
+the layout its kernel reads, instead of on every call. Side by side in one process, ResNet-50's
+compiled explanation at batch 1 went from 124 to 96 ms with it (its eager forward: 122 ms), VGG16's
+from 402 to 331 ms; ``make bench-compile`` puts compile=True at 0.8-1.2x the forward on all five
+benchmark models (benchmarks/README.md).
 Freezing fixes the batch size: it writes the traced graph's symbolic batch into the module as a
 constant (torch 2.14), and a recompile of that module for another batch size then fails inside
 Dynamo. So a frozen graph is compiled with ``dynamic=False``, one per batch size.
 
-Graphs are traced from the explainer's current weights. Unfrozen (CUDA, float64), tensors updated in
-place (an optimiser step, ``load_state_dict``) are seen, as the graph's buffers alias them. A
-frozen graph holds its own (packed) copies. So each call first compares every weight's storage,
-and where frozen its version counter, with those the graph was compiled from (0.2 ms for
-DenseNet-121's 727 tensors), and compiles afresh after a change, from the new values. Moving
-or converting the explainer (``.to``, ``.double()``) drops the graphs, so the next call traces
-afresh.
+Graphs are traced from the explainer's current weights. Unfrozen (CUDA, float64), tensors
+updated in place (an optimiser step, ``load_state_dict``) are seen, as the graph's buffers alias
+them. A frozen graph holds its own (packed) copies. So each call first compares every weight's
+storage, and where frozen its version counter, with those the graph was compiled from (0.2 ms
+for DenseNet-121's 727 tensors), and compiles afresh after a change, from the new values.
+Moving or converting the explainer (``.to``, ``.double()``) drops the graphs, so the next call
+traces afresh.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class CompiledGraphs:
         cuda_graph = replays_cuda_graphs(image.device)
         # Dynamo reads the freezing flag as it traces, inside a call (the first, and a recompile
         # for a new batch size), not in torch.compile: there, options={"freezing": True} goes unseen.
+        # The flag is global: code compiled by another thread during this call is frozen too.
         freezing = torch._inductor.config.patch(freezing=True) if freezes(image) else contextlib.nullcontext()
         with torch.inference_mode(), freezing:
             if cuda_graph:

@@ -329,8 +329,8 @@ def explainer(
         compile: explain with ``torch.compile`` of the explicit graph (:mod:`tsgb_fx.compiled`):
             fused kernels, on a CPU with the weights frozen in, on CUDA replayed as one CUDA
             graph; at the price of a one-off compile (about a minute for ResNet-50 on a CPU) on
-            the first call for each input size, dtype and device, and again after the weights
-            change. Same maps as the eager explainer.
+            the first call for each input size, dtype and device (on a CPU in float32: and batch
+            size), and again after the weights change. Same maps as the eager explainer.
 
     Raises:
         tsgb_fx.TraceError: the model could not be traced; the message names the module or line
