@@ -9,8 +9,8 @@
 #                                         # benchmarks/results/gpu)
 #
 # Overrides for a smoke test without a GPU: DEVICE=cpu MODELS=resnet18 SIZE=64 REPEATS=1 ONNX=0
-# More models need longer step limits: all five took 100 s of speed and 200 s of memory (13 s per
-# model, case and batch size, each a fresh process) on an H100, e.g. SPEED_SECONDS=240 MEMORY_SECONDS=240.
+# More models need longer step limits: all five took 100 s of speed and 200 s of memory (a fresh
+# process of 13 s per model and case) on an H100, e.g. SPEED_SECONDS=240 MEMORY_SECONDS=240.
 # COMPILE=1 adds compile=True (one cold torch.compile per model and batch size, each model in its
 # own run of at most COMPILE_SECONDS, default 150) for COMPILE_MODELS (default: MODELS).
 # TESTS=1 (the default) first runs the tests that skip without a GPU (CUDA against CPU maps,
