@@ -216,6 +216,50 @@ def test_images_are_batched(tmp_path, capsys, monkeypatch):
         assert result["explained"] == expected.topk(2).indices.tolist()
 
 
+def test_compile_pads_the_last_batch_so_one_compiled_graph_explains_the_folder(tmp_path, capsys, monkeypatch):
+    """--compile: a short last batch is filled with copies of its last image, so the one graph
+    compiled for the first batch explains it too, and the copies' results are dropped. The third
+    photo is the first one again: its maps must not depend on its batch or on the padding, and
+    they are the eager explainer's maps of the photo, preprocessed here."""
+    import tsgb_fx.viz
+
+    built, calls, drawn = [], [], {}
+    factory, forward = tsgb_fx.explainer, tsgb_fx.Explainer.forward
+    monkeypatch.setattr(tsgb_fx, "explainer", lambda model, **options: built.append(factory(model, **options)) or built[-1])
+
+    def recording_forward(self, x, target=None):
+        calls.append(tuple(x.shape))
+        return forward(self, x, target)
+
+    monkeypatch.setattr(tsgb_fx.Explainer, "forward", recording_forward)
+    monkeypatch.setattr(tsgb_fx.viz, "save_panels", lambda png, photo, maps, *rest, **options: drawn.update(
+        {Path(png).name: torch.stack(maps)}))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    samples = {"a.png": "chelsea", "b.png": "coffee", "c.png": "chelsea"}
+    for name, sample in samples.items():
+        shutil.copy(sample_path(sample), photos / name)
+    status = main(["explain", str(photos), "--model", TINY, "--size", "32", "--batch-size", "2", "--top-k", "2",
+                   "--compile", "--out", str(tmp_path / "out"), "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "--compile" in captured.err
+    assert calls == [(2, 3, 32, 32), (2, 3, 32, 32)]
+    assert len(built) == 1 and built[0].compiled_graphs is not None and len(built[0].compiled_graphs) == 1
+    results = parse(captured.out)
+    assert sorted(results) == sorted(samples) and sorted(drawn) == ["a_tsgb.png", "b_tsgb.png", "c_tsgb.png"]
+    eager = tsgb_fx.explainer(tiny_cnn())
+    for name, sample in samples.items():
+        top2 = tiny_expected(sample_path(sample), 32).topk(2).indices
+        assert results[name]["explained"] == top2.tolist()
+        image = Image.open(sample_path(sample)).convert("RGB").resize((32, 32), Image.BILINEAR)
+        x = torch.from_numpy((np.asarray(image, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1)
+        expected = eager(x[None], target=top2[None]).saliency[0]
+        maps = drawn[name.replace(".png", "_tsgb.png")]
+        assert torch.allclose(maps, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    assert torch.allclose(drawn["a_tsgb.png"], drawn["c_tsgb.png"], rtol=1e-5, atol=1e-6 * drawn["a_tsgb.png"].abs().max())
+
+
 def test_target_is_explained_for_every_image_and_names_do_not_collide(tmp_path, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     for directory in (first, second):
