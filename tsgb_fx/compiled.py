@@ -15,8 +15,8 @@ compiles once.
 On CUDA the graph is compiled with ``mode="reduce-overhead"``: its kernels are replayed as one
 CUDA graph. An explanation is hundreds of small kernels, and at batch sizes up to 8 launching
 them one by one costs more than running them (ResNet-50 at batch 8, on an H200 in an earlier run:
-4.9 ms compiled plainly, 2.6 ms as a CUDA graph, against a 3.4-3.6 ms eager forward; on an H100,
-in benchmarks/README.md: 3.5 ms as a CUDA graph against a 7.3 ms eager forward). A replay
+4.9 ms compiled plainly, 2.6 ms as a CUDA graph, against a 3.4-3.6 ms eager forward; on an H200,
+in benchmarks/README.md: 3.4 ms as a CUDA graph against a 4.9 ms eager forward). A replay
 writes into the same output buffers every time, so each call's outputs are cloned before they
 are returned. Each distinct batch size records a CUDA graph of its own on its first call.
 
