@@ -73,7 +73,8 @@ bench-onnx: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks.report
 
 # compile=True on every model, with the peers in the same rounds (a cold compile per model and
-# batch size: about half an hour here); the report adds its peer targets.
+# batch size: about half an hour here), then its peak memory per call (cold compiles again, one
+# fresh process per model: about 17 minutes); the report adds their targets.
 BENCH_COMPILE_MODELS ?= $(BENCH_MODELS)
 
 bench-compile: $(BIN)/.bench-installed
@@ -81,6 +82,9 @@ bench-compile: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks.speed --models $(BENCH_COMPILE_MODELS) --batch-sizes 1 8 $(BENCH_ARGS) \
 		--min-seconds $(BENCH_MIN_SECONDS) --compile --peers --no-onnx --no-explicit \
 		--json-out $(BENCH_RESULTS)/compile.json
+	$(BIN)/python -m benchmarks.memory --models $(BENCH_COMPILE_MODELS) --batch-sizes 1 8 \
+		$(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) --cases forward_grad tsgb_compiled \
+		--json-out $(BENCH_RESULTS)/memory_compile.json
 	$(BIN)/python -m benchmarks.report
 
 clean:

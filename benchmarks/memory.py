@@ -9,6 +9,9 @@ grad (the forward that keeps what a backward needs). Cases, each measured in a f
 * ``gradient``: that forward plus ``torch.autograd.grad`` to the input (plain input gradient)
 * ``tsgb_eager``: ``tsgb_fx.explainer(model)(x, target=...)``
 * ``tsgb_explicit`` (``--explicit``): the explicit graph under ``torch.inference_mode()``
+* ``tsgb_compiled``: ``tsgb_fx.explainer(model, compile=True)(x, target=...)``; the warm-up
+  call compiles for that batch size, so the measured call runs the compiled graph (its weight
+  copies, packed by Inductor's freezing on a CPU, are held before the call and not counted)
 
 What is measured is the peak *above* what the process held just before the call (weights,
 the input, the interpreter), i.e. activations, saved tensors and workspaces:
@@ -37,14 +40,16 @@ from pathlib import Path
 from . import common
 from .common import TARGET_CLASS, format_mib, format_ratio, markdown_table, ratio
 
-CASES = ("forward", "forward_grad", "gradient", "tsgb_eager", "tsgb_explicit")
+CASES = ("forward", "forward_grad", "gradient", "tsgb_eager", "tsgb_explicit", "tsgb_compiled")
 LABELS = {
     "forward": "forward (inference_mode)",
     "forward_grad": "forward, input requires grad",
     "gradient": "input gradient (fwd + bwd)",
     "tsgb_eager": "tsgb-fx explain",
     "tsgb_explicit": "tsgb-fx explicit graph",
+    "tsgb_compiled": "tsgb-fx compile=True",
 }
+OPTIONAL = ("tsgb_explicit", "tsgb_compiled")  # measured only when asked for (--explicit, --cases)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +96,7 @@ def _case_fn(case: str, model, x, explainer, explicit):
                 one_hot = torch.zeros_like(logits)
                 one_hot[:, TARGET_CLASS] = 1.0
                 return torch.autograd.grad(logits, image, grad_outputs=one_hot)[0]
-    elif case == "tsgb_eager":
+    elif case in ("tsgb_eager", "tsgb_compiled"):
         def fn():
             return explainer(x, target=TARGET_CLASS)
     elif case == "tsgb_explicit":
@@ -146,7 +151,7 @@ def worker(model_name: str, case: str, batch_sizes, size: int, device: str, thre
 
     common.set_threads(threads)
     model = common.build_model(model_name, device)
-    explainer = tsgb_fx.explainer(model) if case.startswith("tsgb") else None
+    explainer = tsgb_fx.explainer(model, compile=case == "tsgb_compiled") if case.startswith("tsgb") else None
     explicit = explicit_module(explainer, common.make_input(2, size, device)) if case == "tsgb_explicit" else None
     results = []
     for batch in sorted(batch_sizes):
@@ -180,7 +185,8 @@ def run(args, progress=None) -> dict:
     """Measure every model and case; ``progress(payload)`` is called after each worker (partial results)."""
     common.check_device(args.device)
     threads = common.set_threads(args.threads)
-    cases = list(args.cases) if args.cases else [c for c in CASES if c != "tsgb_explicit" or args.explicit]
+    default = [c for c in CASES if c not in OPTIONAL] + (["tsgb_explicit"] if args.explicit else [])
+    cases = list(args.cases) if args.cases else default
     rows = {(m, b): {"model": m, "batch": b, "size": args.size, "bytes": {}, "method": None}
             for m in args.models for b in args.batch_sizes}
     machine = common.machine_info(threads, args.device)
@@ -210,12 +216,14 @@ def run(args, progress=None) -> dict:
 
 def render(payload: dict) -> str:
     cases = payload["settings"]["cases"]
-    columns = ["model", "batch", *(LABELS[c] for c in cases), "explain / forward with grad input"]
+    explains = [c for c in ("tsgb_eager", "tsgb_compiled") if c in cases]
+    columns = ["model", "batch", *(LABELS[c] for c in cases),
+               *(f"{'explain' if c == 'tsgb_eager' else 'compile=True'} / forward with grad input" for c in explains)]
     body = []
     for row in payload["rows"]:
         b = row["bytes"]
         cells = [row["model"], row["batch"], *(format_mib(b.get(c)) for c in cases)]
-        cells.append(format_ratio(ratio(b.get("tsgb_eager"), b.get("forward_grad"))))
+        cells += [format_ratio(ratio(b.get(c), b.get("forward_grad"))) for c in explains]
         body.append(cells)
     methods = sorted({row["method"] for row in payload["rows"] if row["method"]})
     size = payload["settings"]["size"]
@@ -228,7 +236,7 @@ def main(argv=None) -> dict | None:
     p = common.parser("tsgb-fx peak memory: explain vs forward with a gradient-requiring input", repeats=1)
     p.add_argument("--explicit", action="store_true", help="also measure the explicit graph (slow: traces it)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None,
-                   help=f"cases to measure (default: all but tsgb_explicit); {', '.join(CASES)}")
+                   help=f"cases to measure (default: all but {' and '.join(OPTIONAL)}); {', '.join(CASES)}")
     p.add_argument("--worker", choices=CASES, help=argparse_suppress())
     args = p.parse_args(argv)
     if args.worker:

@@ -85,11 +85,13 @@ def busy(row: dict, data: dict) -> str:
     return f" (load {load_now:.1f})" if load_now is not None and cores and load_now > cores else ""
 
 
-def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=None) -> list[list[str]]:
+def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=None,
+                memory_compile=None) -> list[list[str]]:
     """Issue 4's targets, one row per model and batch size: [target, model, batch, measured, verdict].
 
     ORT rows come from the speed run, or for models it did not export, from ``onnx_extra`` (a
-    separate speed run with ORT on those models, marked as such)."""
+    separate speed run with ORT on those models, marked as such). ``memory_compile``: the memory
+    run of ``make bench-compile`` (compile=True against the same baseline)."""
     rows = []
     separate = {(row["model"], row["batch"]): row for row in (onnx_extra or {}).get("rows", [])}
     for row in (speed_data or {}).get("rows", []):
@@ -114,11 +116,12 @@ def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=No
                      + busy(source, onnx_extra if origin else speed_data),
                      verdict(r, ORT_LIMIT)])
     rows += peer_rows(peers_data, "tsgb_eager", "faster than every peer (tsgb / fastest peer < 1)")
-    for row in (memory_data or {}).get("rows", []):
-        b = row["bytes"]
-        r = ratio(b.get("tsgb_eager"), b.get("forward_grad"))
-        rows.append([f"explain peak memory <= {MEMORY_LIMIT}x forward with grad input", row["model"], row["batch"],
-                     format_ratio(r), verdict(r, MEMORY_LIMIT)])
+    for data, case, what in ((memory_data, "tsgb_eager", "explain"), (memory_compile, "tsgb_compiled", "compile=True")):
+        for row in (data or {}).get("rows", []):
+            b = row["bytes"]
+            r = ratio(b.get(case), b.get("forward_grad"))
+            rows.append([f"{what} peak memory <= {MEMORY_LIMIT}x forward with grad input", row["model"], row["batch"],
+                         format_ratio(r), verdict(r, MEMORY_LIMIT)])
     for row in (compile_data or {}).get("rows", []):
         m, o = row["medians"], row["one_off"]
         compiled, eager = m.get("tsgb_compiled"), m.get("tsgb_eager")
@@ -319,6 +322,7 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     compile_data = load(results, "compile")
     peers_data = load(results, "peers")
     memory_data = load(results, "memory")
+    memory_compile = load(results, "memory_compile")  # optional: `make bench-compile`'s memory step
     scaling = load(results, "scaling")
     peers_extra = load(results, "peers_extra")  # optional: a separate peers run, e.g. --gradcam-trainable
     onnx_extra = load(results, "onnx_extra")  # optional: `make bench-onnx`, ORT on the other models
@@ -328,8 +332,9 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     if started.exists() and finished:
         elapsed = max(finished) - float(started.read_text().strip())
     datasets = {"speed": speed_data, "peers": peers_data, "memory": memory_data, "scaling": scaling,
-                "compile": compile_data, "onnx_extra": onnx_extra, "peers_extra": peers_extra}
-    targets = target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra)
+                "compile": compile_data, "onnx_extra": onnx_extra, "peers_extra": peers_extra,
+                "memory_compile": memory_compile}
+    targets = target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra, memory_compile)
 
     out = [
         "# Benchmarks",
@@ -385,7 +390,11 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         if compile_data["settings"].get("peers"):
             out += ["The peers, timed in the same rounds as compile=True:", "",
                     peers.render(speed.peers_from_speed(compile_data)), ""]
-    else:
+    if memory_compile:
+        out += [f"Memory of compile=True, from `make bench-compile` ({run_stamp(memory_compile)}); the weights "
+                "that Inductor's freezing packs into the compiled graph are held before the call, so they are "
+                "not in these peaks:", "", memory.render(memory_compile), ""]
+    if not compile_data:
         out += ["Not measured in this run: `make bench-compile` adds it, with the peers in the same rounds "
                 "(minutes per model and batch size on this machine), and the next report includes it.", ""]
     if onnx_extra:
