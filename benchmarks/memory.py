@@ -13,6 +13,10 @@ grad (the forward that keeps what a backward needs). Cases, each measured in a f
   call compiles for that batch size, so the measured call runs the compiled graph (its weight
   copies, packed by Inductor's freezing on a CPU, are held before the call and not counted)
 
+Besides the peak, each batch size records what the process *holds* after its calls that it did
+not hold before them (``held``): for ``tsgb_compiled`` the price of compiling (Inductor's state
+and generated code, the frozen weights), where the other cases keep next to nothing.
+
 What is measured is the peak *above* what the process held just before the call (weights,
 the input, the interpreter), i.e. activations, saved tensors and workspaces:
 
@@ -145,6 +149,15 @@ def measure_peak(fn, device: str) -> dict:
     return {"bytes": max(peak_kib - rss_before, 0) * 1024, "method": method}
 
 
+def held_now(device: str) -> int:
+    """Bytes the process holds now: resident set on a CPU, allocated tensors on CUDA."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.memory_allocated()
+    return (_status_kib("VmRSS") or 0) * 1024
+
+
 def worker(model_name: str, case: str, batch_sizes, size: int, device: str, threads: int | None) -> list[dict]:
     import tsgb_fx
     from tsgb_fx.explicit import explicit_module
@@ -156,7 +169,11 @@ def worker(model_name: str, case: str, batch_sizes, size: int, device: str, thre
     results = []
     for batch in sorted(batch_sizes):
         x = common.make_input(batch, size, device)
-        results.append({"batch": batch, **measure_peak(_case_fn(case, model, x, explainer, explicit), device)})
+        gc.collect()
+        before = held_now(device)
+        peak = measure_peak(_case_fn(case, model, x, explainer, explicit), device)
+        gc.collect()
+        results.append({"batch": batch, **peak, "held": held_now(device) - before})
         del x
         gc.collect()
     return results
@@ -187,7 +204,7 @@ def run(args, progress=None) -> dict:
     threads = common.set_threads(args.threads)
     default = [c for c in CASES if c not in OPTIONAL] + (["tsgb_explicit"] if args.explicit else [])
     cases = list(args.cases) if args.cases else default
-    rows = {(m, b): {"model": m, "batch": b, "size": args.size, "bytes": {}, "method": None}
+    rows = {(m, b): {"model": m, "batch": b, "size": args.size, "bytes": {}, "held": {}, "method": None}
             for m in args.models for b in args.batch_sizes}
     machine = common.machine_info(threads, args.device)
 
@@ -207,6 +224,8 @@ def run(args, progress=None) -> dict:
                 values = [r["bytes"] for results in runs for r in results if r["batch"] == batch and r["bytes"] is not None]
                 row = rows[(name, batch)]
                 row["bytes"][case] = common.median(values) if values else None
+                held = [r["held"] for results in runs for r in results if r["batch"] == batch and "held" in r]
+                row["held"][case] = common.median(held) if held else None
                 row["method"] = next((r.get("method") for results in runs for r in results if r.get("method")),
                                      row["method"])
             if progress is not None:
@@ -217,13 +236,17 @@ def run(args, progress=None) -> dict:
 def render(payload: dict) -> str:
     cases = payload["settings"]["cases"]
     explains = [c for c in ("tsgb_eager", "tsgb_compiled") if c in cases]
+    compiled_held = "tsgb_compiled" in cases and any((row.get("held") or {}).get("tsgb_compiled") is not None
+                                                     for row in payload["rows"])
     columns = ["model", "batch", *(LABELS[c] for c in cases),
                *(f"{'explain' if c == 'tsgb_eager' else 'compile=True'} / forward with grad input" for c in explains)]
+    columns += ["compile=True: held after compiling for this batch size"] if compiled_held else []
     body = []
     for row in payload["rows"]:
         b = row["bytes"]
         cells = [row["model"], row["batch"], *(format_mib(b.get(c)) for c in cases)]
         cells += [format_ratio(ratio(b.get(c), b.get("forward_grad"))) for c in explains]
+        cells += [format_mib((row.get("held") or {}).get("tsgb_compiled"))] if compiled_held else []
         body.append(cells)
     methods = sorted({row["method"] for row in payload["rows"] if row["method"]})
     size = payload["settings"]["size"]

@@ -391,9 +391,11 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
             out += ["The peers, timed in the same rounds as compile=True:", "",
                     peers.render(speed.peers_from_speed(compile_data)), ""]
     if memory_compile:
-        out += [f"Memory of compile=True, from `make bench-compile` ({run_stamp(memory_compile)}); the weights "
-                "that Inductor's freezing packs into the compiled graph are held before the call, so they are "
-                "not in these peaks:", "", memory.render(memory_compile), ""]
+        out += [f"Memory of compile=True, from `make bench-compile` ({run_stamp(memory_compile)}). The peak of "
+                "a call is measured after a warm-up call has compiled for its batch size; what compiling costs "
+                "the process (Inductor's state and generated code, the weights that freezing packs into the "
+                "graph) is held from then on, and is in the last column instead:", "",
+                memory.render(memory_compile), ""]
     if not compile_data:
         out += ["Not measured in this run: `make bench-compile` adds it, with the peers in the same rounds "
                 "(minutes per model and batch size on this machine), and the next report includes it.", ""]

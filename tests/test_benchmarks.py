@@ -335,7 +335,8 @@ def _memory_compile_payload():
     return {"kind": "memory", "machine": MACHINE,
             "settings": {"size": 224, "repeats": 1, "cases": ["forward_grad", "tsgb_compiled"]},
             "rows": [{"model": "resnet50", "batch": 8, "size": 224, "method": "VmHWM",
-                      "bytes": {"forward_grad": 200 * 2**20, "tsgb_compiled": 320 * 2**20}}]}
+                      "bytes": {"forward_grad": 200 * 2**20, "tsgb_compiled": 320 * 2**20},
+                      "held": {"forward_grad": 0, "tsgb_compiled": 250 * 2**20}}]}
 
 
 def test_compiled_memory_gets_its_own_column_ratio_and_target():
@@ -343,7 +344,9 @@ def test_compiled_memory_gets_its_own_column_ratio_and_target():
     header, *_, last = text.splitlines()[2:]
     assert "tsgb-fx compile=True" in header and "compile=True / forward with grad input" in header
     assert "explain / forward" not in header  # no eager column in that run: no ratio for it either
-    assert last == "| resnet50 | 8 | 200 MiB | 320 MiB | 1.60x |"
+    assert header.rstrip(" |").endswith("held after compiling for this batch size")
+    assert last == "| resnet50 | 8 | 200 MiB | 320 MiB | 1.60x | 250 MiB |"
+    assert "held after" not in memory.render(_memory_payload())  # eager runs: no such column
     rows = report.target_rows(None, None, _memory_payload(), None, memory_compile=_memory_compile_payload())
     memory_rows = {(row[0], row[1], row[2]): (row[3], row[4]) for row in rows}
     assert memory_rows[("compile=True peak memory <= 1.5x forward with grad input", "resnet50", 8)] == ("1.60x", "MISS")
