@@ -33,8 +33,9 @@ Dynamo. So a frozen graph is compiled with ``dynamic=False``, one per batch size
 Freezing also costs memory: each frozen graph holds its own copy of the weights, packed for its
 kernels, and the compiler's state and generated code stay in the process. After compiling one
 batch size, ResNet-50's process held 0.3 GiB more than before, VGG16's 1.2 GiB (528 MiB of
-weights, mostly its fully connected layers), and every further batch size about as much again
-(``make bench-compile``, memory table). An explanation's own peak is lower than eager's.
+weights, mostly its fully connected layers); every further batch size adds its own copy (ResNet-50
+0.2 GiB, VGG16 1.1 GiB; ``make bench-compile``, memory table). An explanation's own peak is lower
+than eager's.
 
 Graphs are traced from the explainer's current weights. Unfrozen (CUDA, float64), tensors
 updated in place (an optimiser step, ``load_state_dict``) are seen, as the graph's buffers alias
