@@ -34,8 +34,8 @@ Freezing also costs memory: each frozen graph holds its own copy of the weights,
 kernels, and the compiler's state and generated code stay in the process. After compiling one
 batch size, ResNet-50's process held 0.3 GiB more than before, VGG16's 1.2 GiB (528 MiB of
 weights, mostly its fully connected layers); every further batch size adds its own copy (ResNet-50
-0.2 GiB, VGG16 1.1 GiB; ``make bench-compile``, memory table). An explanation's own peak is lower
-than eager's.
+0.2 GiB, VGG16 1.1 GiB; ``make bench-compile``, memory table), and a UserWarning says so when it
+happens. An explanation's own peak is lower than eager's.
 
 Graphs are traced from the explainer's current weights. Unfrozen (CUDA, float64), tensors
 updated in place (an optimiser step, ``load_state_dict``) are seen, as the graph's buffers alias
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 
@@ -85,12 +86,28 @@ class CompiledGraphs:
         with self._lock:
             graph, weights = self._graphs.get(key, (None, None))
             if graph is None or weights.changed():
+                if graph is None and frozen:
+                    self._warn_of_another_batch_size(key)
                 module = explicit_module(explainer, image, with_attribution=True)
                 mode = "reduce-overhead" if replays_cuda_graphs(image.device) else None
                 # frozen: the weights are read once, at the graph's first call; else aliased
                 graph = torch.compile(module, mode=mode, dynamic=False if frozen else None)
                 self._graphs[key] = (graph, WeightState(explainer, frozen=frozen))
             return graph
+
+    def _warn_of_another_batch_size(self, key: tuple) -> None:
+        """A frozen graph for a new batch size of an input already compiled for: say what it costs."""
+        shape, dtype, device = key
+        compiled = sorted(other[0][0] for other in self._graphs
+                          if other[1:] == (dtype, device) and other[0][1:] == shape[1:] and other[0] != shape)
+        if compiled:
+            warnings.warn(
+                f"compile=True: compiling for batch size {shape[0]} as well (already compiled for "
+                f"{', '.join(map(str, compiled))}). On a CPU each batch size is a frozen graph of its own: "
+                f"minutes to compile, and it holds its own packed copy of the weights (1.1 GiB for VGG16). "
+                f"Explaining in batches of one size avoids both (`tsgb explain --compile` pads its last batch).",
+                stacklevel=2,
+            )
 
     def clear(self) -> None:
         with self._lock:
