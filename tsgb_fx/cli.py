@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +212,7 @@ def explain_batch(setup: Setup, batch: torch.Tensor, target: int | None, top_k: 
     if pad_to is not None and count < pad_to:
         batch = torch.cat([batch, batch[-1:].expand(pad_to - count, *batch.shape[1:])])
         result, probabilities = explain_batch(setup, batch, target, top_k)
-        kept = {name: getattr(result, name)[:count] for name in ("saliency", "attribution", "logits", "target")}
+        kept = {field.name: getattr(result, field.name)[:count] for field in fields(result)}  # all per image
         return replace(result, **kept), probabilities[:count]
     e = setup.explainer
     if top_k is not None and top_k > 1:
