@@ -15,8 +15,8 @@ compiles once.
 On CUDA the graph is compiled with ``mode="reduce-overhead"``: its kernels are replayed as one
 CUDA graph. An explanation is hundreds of small kernels, and at batch sizes up to 8 launching
 them one by one costs more than running them (ResNet-50 at batch 8, on an H200 in an earlier run:
-4.9 ms compiled plainly, 2.6 ms as a CUDA graph, against a 3.4-3.6 ms eager forward; on an H200,
-in benchmarks/README.md: 3.4 ms as a CUDA graph against a 4.9 ms eager forward). A replay
+4.9 ms compiled plainly, 2.6 ms as a CUDA graph, against a 3.4-3.6 ms eager forward; in the H200
+run of benchmarks/README.md: 3.4 ms as a CUDA graph against a 4.9 ms eager forward). A replay
 writes into the same output buffers every time, so each call's outputs are cloned before they
 are returned. Each distinct batch size records a CUDA graph of its own on its first call.
 
@@ -64,12 +64,13 @@ class CompiledGraphs:
 
     def __call__(self, explainer, image: torch.Tensor, target: torch.Tensor):
         """``(logits, attribution)`` for ``image`` (N, C, *S) and ``target`` (N,), ``< 0`` for top-1."""
-        graph = self._graph(explainer, image)
+        frozen = freezes(image)
+        graph = self._graph(explainer, image, frozen)
         cuda_graph = replays_cuda_graphs(image.device)
         # Dynamo reads the freezing flag as it traces, inside a call (the first, and a recompile
         # for a new batch size), not in torch.compile: there, options={"freezing": True} goes unseen.
         # The flag is global: code compiled by another thread during this call is frozen too.
-        freezing = torch._inductor.config.patch(freezing=True) if freezes(image) else contextlib.nullcontext()
+        freezing = torch._inductor.config.patch(freezing=True) if frozen else contextlib.nullcontext()
         with torch.inference_mode(), freezing:
             if cuda_graph:
                 torch.compiler.cudagraph_mark_step_begin()  # a new call: earlier outputs may be reused
@@ -78,10 +79,9 @@ class CompiledGraphs:
                 logits, attribution = logits.clone(), attribution.clone()
         return logits, attribution
 
-    def _graph(self, explainer, image: torch.Tensor):
+    def _graph(self, explainer, image: torch.Tensor, frozen: bool):
         from .explicit import explicit_module
 
-        frozen = freezes(image)
         key = (tuple(image.shape if frozen else image.shape[1:]), image.dtype, image.device)
         with self._lock:
             graph, weights = self._graphs.get(key, (None, None))
