@@ -90,7 +90,9 @@ def _batch_norm(x, bn: nn.BatchNorm2d):
 
 
 class _BatchNorm(torch.autograd.Function):
-    """The ratio rule as the authors wrote it, ``g * y / x``: exact, undefined where ``x == 0``."""
+    """The ratio rule as the authors wrote it, ``g * y / x``, exact; where ``x == 0`` (a depthwise
+    convolution over dead units) it sends 0, where TSGB.md's stabilised division sends
+    ``g * y / eps``, which the rules upstream only ever multiply by that 0."""
 
     @staticmethod
     def forward(ctx, x, bn: nn.BatchNorm2d):
@@ -100,7 +102,7 @@ class _BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g * ctx.y / ctx.x, None
+        return torch.where(ctx.x == 0, 0.0, g * ctx.y / ctx.x), None
 
 
 class _AvgPool(torch.autograd.Function):

@@ -23,6 +23,7 @@ from torch import fx, nn
 from .methods import RULE_KINDS, Rule
 from .ops import Attr, OpSite, find_op_sites
 from .rules.batchnorm import ratio_batch_norm
+from .rules.relevance import relevance_to_signal
 
 _BATCH_NORM_ARGUMENTS = ("running_mean", "running_var", "weight", "bias", "eps")
 
@@ -139,8 +140,12 @@ def _check_signature(rule: Rule, site: OpSite, kind: str) -> None:
 
 def _takes(rule: Rule, parameter: str) -> bool:
     """Whether the rule's function accepts a graph fact by that name (builtins: no)."""
+    return _accepts(rule.function, parameter)
+
+
+def _accepts(function, parameter: str) -> bool:
     try:
-        return parameter in inspect.signature(rule.function).parameters
+        return parameter in inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
 
@@ -178,7 +183,8 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
       (or of its folded batch norm) and is folded in, like a rectifier; ``activation_unsigned``:
       that SiLU's only reader is a rule op that takes ``input_sign_upstream``, which is then set
       there: the reader sends its signal without ``sign(x)`` and the folded op applies it
-      (:mod:`tsgb_fx.rules.silu`).
+      (:mod:`tsgb_fx.rules.silu`);
+    * ``sends_relevance`` and ``output_relevance``: relevance edges (:func:`carry_relevance`).
 
     None changes a map (the batch norm fold up to the ratio rule's ``eps``); they save passes
     over activations and memory. The returned RuleSites still list every folded op with its rule.
@@ -249,7 +255,60 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
             rectified_outputs.add(replacement)
         if unsigned:
             unsigned_outputs.add(replacement)
+    carry_relevance(graph)
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()
     return decided
+
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
+
+
+def carry_relevance(graph: fx.Graph) -> None:
+    """Make the rule ops exchange the relevance ``g * x`` where that saves divisions (in place).
+
+    A ratio-rule op (a reader: its function takes ``sends_relevance``) whose input ``x`` is read
+    by such readers only sends the relevance, without dividing by ``x``
+    (:mod:`tsgb_fx.rules.relevance`). When ``x`` is a concatenation, the relevance reaches each of
+    its inputs. Each node the relevance reaches, directly or through such concatenations, is a
+    writer. If its function takes ``output_relevance``, it drops relevance at its zeros itself
+    (:func:`_takes_relevance`), and every one of its users sends it relevance, it is told to read
+    the relevance as it arrives. Otherwise a :func:`~tsgb_fx.rules.relevance.relevance_to_signal`
+    goes in between those users and the writer, and turns the summed relevance into the signal the
+    writer expects.
+    """
+    readers = {
+        node for node in graph.nodes if node.op == "call_function" and _accepts(node.target, "sends_relevance")
+    }
+    senders_to: dict[fx.Node, set[fx.Node]] = {}  # writer -> the nodes that send it relevance
+    for reader in readers:
+        x = reader.kwargs.get("x")
+        if not isinstance(x, fx.Node) or not all(user in readers and user.kwargs.get("x") is x for user in x.users):
+            continue
+        reader.update_kwarg("sends_relevance", True)
+        concatenated = x.op == "call_function" and x.target in _CONCATENATIONS
+        for writer in (x.args[0] if x.args else x.kwargs["tensors"]) if concatenated else [x]:
+            senders_to.setdefault(writer, set()).add(x if concatenated else reader)
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    for writer, senders in senders_to.items():
+        if set(writer.users) == senders and _takes_relevance(writer):
+            writer.update_kwarg("output_relevance", True)
+            continue
+        with graph.inserting_before(min(senders, key=position.get)):  # after every placeholder
+            converted = graph.call_function(relevance_to_signal, (writer,))
+        converted.meta = dict(writer.meta)
+        for sender in senders:
+            sender.replace_input_with(writer, converted)
+
+
+def _takes_relevance(node: fx.Node) -> bool:
+    """A rule op that can read the relevance at its output: one that drops by itself whatever
+    relevance arrives at an output that is exactly 0 (:mod:`tsgb_fx.rules.relevance`), i.e. no
+    activation folded in and, for a grouped convolution summing all channels, a mask of its zeros."""
+    if node.op != "call_function" or not _accepts(node.target, "output_relevance"):
+        return False
+    kwargs = node.kwargs
+    folds_activation = kwargs.get("output_clamp") is not None or kwargs.get("output_activation") is not None
+    mixes_groups = kwargs.get("groups", 1) != 1 and kwargs.get("conv_groups") == "reference"
+    return not folds_activation and (not mixes_groups or kwargs.get("batch_norm") is not None)

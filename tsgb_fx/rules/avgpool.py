@@ -40,10 +40,12 @@ def avg_pool_transpose(u, x, kernel_size, stride, padding, ceil_mode, count_incl
 
 class RatioAvgPoolFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, *pooling):  # kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    def forward(ctx, x, pooling, output_relevance, sends_relevance):
+        # pooling: kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
         y = _avg_pool(x, *pooling)
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x, None if output_relevance else y)
         ctx.pooling = pooling
+        ctx.sends_relevance = sends_relevance
         return y
 
     @staticmethod
@@ -51,16 +53,22 @@ class RatioAvgPoolFunction(torch.autograd.Function):
         x, y = ctx.saved_tensors
         g_x = None
         if ctx.needs_input_grad[0]:
-            g_x = divide_by_input(x, avg_pool_transpose(g * y, x, *ctx.pooling))
-        return (g_x,) + (None,) * 6
+            relevance = g if y is None else g * y  # with output_relevance, g arrives as g * y
+            spread = avg_pool_transpose(relevance, x, *ctx.pooling)
+            g_x = spread if ctx.sends_relevance else divide_by_input(x, spread)
+        return g_x, None, None, None
 
 
 def ratio_avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-                   divisor_override=None):
-    """``F.avg_poolNd`` with the ratio-rule backward; ints or per-axis sequences, as PyTorch takes them."""
+                   divisor_override=None, output_relevance=False, sends_relevance=False):
+    """``F.avg_poolNd`` with the ratio-rule backward; ints or per-axis sequences, as PyTorch takes them.
+
+    ``output_relevance`` and ``sends_relevance``: the op's readers send it the relevance ``g * y``
+    rather than the signal, and the writer of ``x`` takes the relevance ``AvgPoolT(g * y)``, which is
+    then sent without the division (:mod:`tsgb_fx.rules.relevance`).
+    """
     ndim = x.dim() - 2
     kernel_size = per_axis(kernel_size, ndim)
     stride = kernel_size if stride is None or stride == [] or stride == () else per_axis(stride, ndim)
-    return RatioAvgPoolFunction.apply(
-        x, kernel_size, stride, per_axis(padding, ndim), ceil_mode, count_include_pad, divisor_override
-    )
+    pooling = (kernel_size, stride, per_axis(padding, ndim), ceil_mode, count_include_pad, divisor_override)
+    return RatioAvgPoolFunction.apply(x, pooling, output_relevance, sends_relevance)

@@ -23,10 +23,11 @@ def inference_batch_norm(x, running_mean, running_var, weight, bias, eps):
 
 class RatioBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, eps, output_clamp):
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps, output_clamp, sends_relevance):
         out = rectify_(inference_batch_norm(x, running_mean, running_var, weight, bias, eps), output_clamp)
-        ctx.save_for_backward(x, out)
+        ctx.save_for_backward(None if sends_relevance else x, out)
         ctx.output_clamp = output_clamp
+        ctx.sends_relevance = sends_relevance
         return out
 
     @staticmethod
@@ -34,14 +35,22 @@ class RatioBatchNormFunction(torch.autograd.Function):
         x, y = ctx.saved_tensors
         g_x = None
         if ctx.needs_input_grad[0]:
-            g_x = divide_by_input(x, relevance_carrier(y, ctx.output_clamp), g)
-        return g_x, None, None, None, None, None, None
+            carrier = relevance_carrier(y, ctx.output_clamp)
+            if ctx.sends_relevance:
+                g_x = carrier.mul_(g) if carrier is not y else g * y
+            else:
+                g_x = divide_by_input(x, carrier, g)
+        return g_x, None, None, None, None, None, None, None
 
 
-def ratio_batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, output_clamp=None):
+def ratio_batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, output_clamp=None,
+                     sends_relevance=False):
     """Inference batch norm with the ratio-rule backward ``g_x = g * y / x``.
 
     ``output_clamp``: the rewrite folded the plain ReLU/ReLU6 that follows into this op
-    (:mod:`tsgb_fx.rules.rectify`).
+    (:mod:`tsgb_fx.rules.rectify`). ``sends_relevance``: the writer of ``x`` takes the relevance
+    ``g * y`` itself (:mod:`tsgb_fx.rules.relevance`), which is then sent without the division.
     """
-    return RatioBatchNormFunction.apply(x, running_mean, running_var, weight, bias, eps, output_clamp)
+    return RatioBatchNormFunction.apply(
+        x, running_mean, running_var, weight, bias, eps, output_clamp, sends_relevance
+    )

@@ -56,6 +56,7 @@ def tsgb_conv_backward(
     output_fold=NOTHING_FOLDED,
     live: torch.Tensor | None = None,
     input_sign_upstream: bool = False,
+    output_relevance: bool = False,
 ) -> torch.Tensor:
     """The signal TSGB-Conv sends to ``x``, a pure function of (x, y, g) and the geometry.
 
@@ -72,9 +73,16 @@ def tsgb_conv_backward(
 
     ``input_sign_upstream``: ``x`` is a folded SiLU's output read by this op alone, and that op
     multiplies by ``sign(x)`` itself (:mod:`tsgb_fx.rules.silu`); ``BoxT(r)`` is sent unsigned.
+
+    ``output_relevance``: the op's readers send the relevance ``g * y`` itself
+    (:mod:`tsgb_fx.rules.relevance`), so ``g`` here already is that product (no activation is
+    folded in then).
     """
     rule_groups = groups if conv_groups == "layer" else 1
-    relevance = relevance_sums(g, y, output_fold, live, rule_groups)  # c: (N, G, *S_out)
+    if output_relevance:  # c = sum_channels(g * live), g being the relevance R
+        relevance = group_sums(g, rule_groups) if live is None else channel_sums(torch.mul, (g, live), rule_groups)
+    else:
+        relevance = relevance_sums(g, y, output_fold, live, rule_groups)  # c: (N, G, *S_out)
     if input_rectified:  # sum |x|: (N, G, *S_in); vector_norm is ~5x slower than abs then sum
         mass = group_sums(x, rule_groups)
     else:
@@ -152,12 +160,13 @@ class TSGBConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry, groups, conv_groups, input_rectified, batch_norm, output_fold,
-                input_sign_upstream):
+                input_sign_upstream, output_relevance):
         y, live = _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm,
                                           masked=batch_norm is not None and groups > 1 and conv_groups == "reference")
         out, kept = output_fold.apply(y)
-        ctx.save_for_backward(x, kept, live)
+        ctx.save_for_backward(x, None if output_relevance else kept, live)
         ctx.output_fold = output_fold
+        ctx.output_relevance = output_relevance
         ctx.input_sign_upstream = input_sign_upstream
         ctx.geometry = geometry
         ctx.groups = groups
@@ -172,9 +181,9 @@ class TSGBConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_x = tsgb_conv_backward(
                 x, y, g, ctx.geometry, ctx.groups, ctx.conv_groups, ctx.input_rectified, ctx.output_fold, live,
-                ctx.input_sign_upstream,
+                ctx.input_sign_upstream, ctx.output_relevance,
             )
-        return g_x, None, None, None, None, None, None, None, None, None
+        return g_x, None, None, None, None, None, None, None, None, None, None
 
 
 def _convolve_and_normalise(x, weight, bias, geometry, groups, batch_norm, masked):
@@ -263,7 +272,7 @@ def _hashable(value):
 
 def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
               conv_groups="reference", input_rectified=False, batch_norm=None, output_clamp=None,
-              output_activation=None, activation_unsigned=False, input_sign_upstream=False):
+              output_activation=None, activation_unsigned=False, input_sign_upstream=False, output_relevance=False):
     """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` with the TSGB-Conv backward.
 
     Takes every spelling the rewrite meets: ints or per-axis sequences, ``padding='same'`` or
@@ -293,11 +302,19 @@ def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, p
     (:mod:`tsgb_fx.rules.rectify`). ``output_activation="silu"``: it folded the plain SiLU that
     follows, and ``activation_unsigned``: that SiLU's only reader is a TSGB-Conv that leaves
     ``sign`` to this op, which it does with ``input_sign_upstream`` (:mod:`tsgb_fx.rules.silu`).
+
+    ``output_relevance``: every reader of the output sends the relevance ``g * y`` rather than the
+    signal (:mod:`tsgb_fx.rules.relevance`); the op then reads it as it arrives.
     """
     if output_activation not in (None, "silu"):
         raise ValueError(f"output_activation must be None or 'silu', got {output_activation!r}")
     clamp = None if output_clamp is None else tuple(output_clamp)
     output_fold = _output_fold(clamp, output_activation, activation_unsigned)
+    if output_relevance and output_fold is not NOTHING_FOLDED:
+        raise ValueError(
+            "output_relevance takes no folded activation (a ReLU's zeros would keep relevance that its "
+            f"backward drops); got output_clamp={output_clamp!r}, output_activation={output_activation!r}"
+        )
     window, pad = layer_geometry(
         tuple(weight.shape[2:]), _hashable(stride), _hashable(padding), _hashable(dilation), padding_mode
     )
@@ -305,5 +322,6 @@ def tsgb_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, p
         x = F.pad(x, pad[0], mode=pad[1])
     rectified = input_rectified and pad is None
     return TSGBConvFunction.apply(
-        x, weight, bias, window, groups, conv_groups, rectified, batch_norm, output_fold, input_sign_upstream
+        x, weight, bias, window, groups, conv_groups, rectified, batch_norm, output_fold, input_sign_upstream,
+        output_relevance,
     )
