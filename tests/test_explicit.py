@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 import tsgb_fx
-from tsgb_fx.explicit import explicit_module, export_program
+from tsgb_fx.explicit import DECOMPOSITIONS, explicit_module, export_program
 
 from .explicit_models import MODELS, build, explainer_for, model_params
 from .helpers import map_error, randomise_batch_norm, relative_error
@@ -81,6 +81,31 @@ def test_parity_with_autograd_explainer(name):
     # one graph, any batch size
     logits, saliency = _run(module, images[:1], torch.tensor([-1]))
     assert relative_error(saliency, explainer(images[:1]).saliency) < FLOAT64_TOLERANCE
+
+
+AVG_POOLS = {  # kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, input size
+    "tiling": ((2, 2), (), (0, 0), False, True, None, (8, 6)),
+    "dropped-rows": ((2, 3), (2, 3), (0, 0), False, True, None, (7, 11)),
+    "divisor": ((2, 2), (2, 2), (0, 0), True, True, 3, (6, 6)),
+    "tiling-3d": ((2, 2, 2), (), (0, 0, 0), False, True, None, (4, 5, 6)),
+    "ceil-partial-window": ((2, 2), (2, 2), (0, 0), True, True, None, (7, 7)),
+    "overlapping-padded": ((3, 3), (2, 2), (1, 1), False, False, None, (9, 8)),
+    "overlapping-padded-3d": ((3, 3, 3), (1, 1, 1), (1, 1, 1), False, True, None, (4, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(AVG_POOLS))
+def test_average_pooling_backward_decomposition_matches_torch(case):
+    """The graph's avg_poolNd_backward (one window matrix per axis) against torch's own kernel."""
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor, size = AVG_POOLS[case]
+    spatial = len(kernel)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    pool = getattr(torch.nn.functional, f"avg_pool{spatial}d")
+    y = pool(x, kernel, stride or None, padding, ceil_mode, count_include_pad, divisor)
+    grad = torch.randn_like(y)
+    backward = getattr(torch.ops.aten, f"avg_pool{spatial}d_backward").default
+    arguments = (grad, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    assert torch.allclose(DECOMPOSITIONS[backward](*arguments), backward(*arguments), rtol=1e-12, atol=1e-15)
 
 
 def test_saturated_relu6_units_carry_no_relevance_in_the_graph():
