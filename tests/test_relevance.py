@@ -9,6 +9,8 @@ summing all channels without a mask) allowed to take the relevance, the map woul
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,9 +97,11 @@ def toy():
     return model.double().eval()
 
 
-@pytest.mark.parametrize("conv_groups", ["reference", "layer"])
-def test_relevance_edges_give_the_reference_map(toy, conv_groups):
-    explainer = tsgb_fx.explainer(toy, conv_groups=conv_groups)
+@pytest.mark.parametrize("conv_groups, tracer", [("reference", "fx"), ("layer", "fx"), ("reference", "export")])
+def test_relevance_edges_give_the_reference_map(toy, conv_groups, tracer):
+    """torch.export spells the concatenations ``aten.cat``; symbolic tracing ``torch.cat``."""
+    explainer = tsgb_fx.explainer(toy, conv_groups=conv_groups, tracer=tracer,
+                                 example_input=torch.randn(1, 3, 16, 16, dtype=torch.float64))
     kwargs = _kwargs_by_module(explainer)
     assert [name for name in ("norm1", "norm2", "norm3", "norm4", "transition_pool")
             if kwargs[name].get("sends_relevance")] == ["norm1", "norm2", "norm3", "transition_pool"]
@@ -123,6 +127,20 @@ def test_relevance_edges_in_the_explicit_graph_give_the_eager_map(toy):
     logits, saliency = graph(x, torch.tensor([1, 4]))
     expected = reference_saliency(swap_in_reference_rules(toy, "fc"), x, torch.tensor([1, 4]))
     assert relative_error(saliency, expected) < 1e-6
+
+
+def test_relevance_edges_in_onnxruntime_give_the_reference_map(toy, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from tsgb_export import to_onnx
+    from tsgb_export.runtime import OnnxExplainer
+
+    model = copy.deepcopy(toy).float()
+    x, target = torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
+    to_onnx(tsgb_fx.explainer(model), tmp_path / "toy.onnx", example_input=x)
+    saliency = torch.from_numpy(OnnxExplainer(tmp_path / "toy.onnx")(x.numpy(), target.numpy()).saliency)
+    expected = reference_saliency(swap_in_reference_rules(toy, "fc"), x.double(), target)
+    assert relative_error(saliency.double(), expected) < 1e-4  # float32 against float64
 
 
 def test_relevance_to_signal_divides_the_summed_relevance_by_the_input():
