@@ -186,8 +186,9 @@ def rewrite(graph_module: fx.GraphModule, method: Mapping[str, Rule | None]) -> 
       (:mod:`tsgb_fx.rules.silu`);
     * ``sends_relevance`` and ``output_relevance``: relevance edges (:func:`carry_relevance`).
 
-    None changes a map (the batch norm fold up to the ratio rule's ``eps``); they save passes
-    over activations and memory. The returned RuleSites still list every folded op with its rule.
+    None changes a map (the batch norm fold and the relevance edges up to the ratio rule's ``eps``);
+    they save passes over activations and memory. The returned RuleSites still list every folded op
+    with its rule.
     """
     graph = graph_module.graph
     sites = find_op_sites(graph_module)
@@ -278,8 +279,8 @@ def carry_relevance(graph: fx.Graph) -> None:
     goes in between those users and the writer, and turns the summed relevance into the signal the
     writer expects.
     """
-    readers = {
-        node for node in graph.nodes if node.op == "call_function" and _accepts(node.target, "sends_relevance")
+    readers = {  # a dict: graph order, so the rewritten graph is the same on every run
+        node: None for node in graph.nodes if node.op == "call_function" and _accepts(node.target, "sends_relevance")
     }
     senders_to: dict[fx.Node, set[fx.Node]] = {}  # writer -> the nodes that send it relevance
     for reader in readers:
