@@ -25,7 +25,7 @@ constants of the compiled code, so Inductor folds what depends on weights alone 
 that follow convolutions, into their weights) and packs each convolution's weights once into
 the layout its kernel reads, instead of on every call. Side by side in one process, ResNet-50's
 compiled explanation at batch 1 went from 124 to 96 ms with it (its eager forward: 122 ms), VGG16's
-from 402 to 331 ms; ``make bench-compile`` puts compile=True at 0.8-1.2x the forward on all five
+from 402 to 331 ms; ``make bench-compile`` puts compile=True at 0.7-1.1x the forward on all five
 benchmark models (benchmarks/README.md).
 Freezing fixes the batch size: it writes the traced graph's symbolic batch into the module as a
 constant (torch 2.14), and a recompile of that module for another batch size then fails inside
