@@ -3,8 +3,9 @@
 The reference (tests/reference_tsgb.py) divides exactly at every ratio rule and multiplies back in
 every writer; the explainer skips both wherever the rewrite finds a relevance edge. The toy model
 below has every kind of writer such an edge can meet, so each of the rewrite's conditions is
-exercised: were a writer that keeps relevance at its zeros (a folded ReLU, a depthwise convolution
-summing all channels without a mask) allowed to take the relevance, the map would differ.
+exercised: were a writer that keeps relevance at its zeros (a depthwise convolution summing all
+channels without a mask) allowed to take the relevance, the map would differ (by 3e-3 here); a
+folded ReLU, which would too, is refused by ``tsgb_conv`` itself.
 """
 
 from __future__ import annotations
