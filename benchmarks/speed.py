@@ -6,6 +6,11 @@ Per model and batch size, round-robin (see benchmarks/common.py), median of ``--
 * ``forward``: ``model(x)`` under ``torch.inference_mode()``: the baseline of every torch ratio
 * ``gradient``: plain input gradient, ``torch.autograd.grad(model(x), x, one_hot)``
 * ``tsgb_eager``: the explainer, ``e(x, target=...)`` (forward + one autograd pass with the rules)
+* ``forward_channels_last`` / ``tsgb_eager_channels_last`` (``--channels-last``): the same two
+  calls on the batch in ``torch.channels_last`` memory format (converted before the rounds, as a
+  pipeline would hand it over; the model's weights stay as they are). oneDNN then runs every
+  convolution in NHWC, and the layout carries through the explainer's rules; the ratio is still to
+  the plain forward on the NCHW batch, and the forward's own channels_last time is shown beside it
 * ``tsgb_explicit``: ``Explainer.explicit()``'s graph under ``torch.inference_mode()``
 * ``tsgb_compiled`` (``--compile``): ``tsgb_fx.explainer(model, compile=True)``, i.e.
   ``torch.compile`` of the explicit graph behind the same API; its one-off compile time (first
@@ -35,12 +40,17 @@ from .peers import PEERS, Peers, add_peer_options
 from .peers import render as render_peers
 from .common import TARGET_CLASS, format_ms, format_ratio, format_seconds, markdown_table, ratio, ratio_cell
 
-TORCH_CASES = ("forward", "gradient", "tsgb_eager", "tsgb_explicit", "tsgb_compiled")
+TORCH_CASES = ("forward", "forward_channels_last", "gradient", "tsgb_eager", "tsgb_eager_channels_last",
+               "tsgb_explicit", "tsgb_compiled")
 ORT_CASES = ("ort_forward", "ort_tsgb")
+TIMED_COLUMNS = ("gradient", "tsgb_eager", "forward_channels_last", "tsgb_eager_channels_last", "tsgb_explicit",
+                 "tsgb_compiled")  # after the forward, in the speed table's order
 LABELS = {
     "forward": "forward (inference_mode)",
     "gradient": "input gradient (autograd)",
+    "forward_channels_last": "forward, channels_last input",
     "tsgb_eager": "tsgb-fx eager",
+    "tsgb_eager_channels_last": "tsgb-fx eager, channels_last input",
     "tsgb_explicit": "tsgb-fx explicit graph",
     "tsgb_compiled": "tsgb-fx compile=True",
     "ort_forward": "ORT forward",
@@ -52,7 +62,7 @@ LABELS = {
 # the cases
 
 
-def torch_cases(model, explainer, explicit, x, compiled=None) -> dict:
+def torch_cases(model, explainer, explicit, x, compiled=None, channels_last=False) -> dict:
     import torch
 
     batch = x.shape[0]
@@ -77,6 +87,17 @@ def torch_cases(model, explainer, explicit, x, compiled=None) -> dict:
             return explicit(x, target)
 
     cases = {"forward": forward, "gradient": gradient, "tsgb_eager": tsgb_eager}
+    if channels_last:
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
+
+        def forward_channels_last():
+            with torch.inference_mode():
+                return model(x_nhwc)
+
+        def tsgb_eager_channels_last():
+            return explainer(x_nhwc, target=TARGET_CLASS).saliency
+
+        cases.update(forward_channels_last=forward_channels_last, tsgb_eager_channels_last=tsgb_eager_channels_last)
     if explicit is not None:
         cases["tsgb_explicit"] = tsgb_explicit
     if compiled is not None:
@@ -239,7 +260,7 @@ def run(args) -> dict:
                     print(f"{name}: torch.compile failed ({type(error).__name__}: {error})", file=sys.stderr)
                     row_one_off["compile_error"] = f"{type(error).__name__}: {error}"[:300]
                     compiled = None
-            cases = torch_cases(model, explainer, explicit, x, compiled)
+            cases = torch_cases(model, explainer, explicit, x, compiled, args.channels_last)
             if ort_pair is not None:
                 cases.update(ort_pair.cases(x))
             if peer_methods is not None:
@@ -259,7 +280,8 @@ def run(args) -> dict:
         "kind": "speed",
         "machine": machine,
         "settings": {**common.settings(args), "compile": args.compile, "onnx": providers is not None,
-                     "onnx_models": args.onnx_models, "explicit": not args.no_explicit, "peers": args.peers},
+                     "onnx_models": args.onnx_models, "explicit": not args.no_explicit, "peers": args.peers,
+                     "channels_last": args.channels_last},
         "versions": common.package_versions(["torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx",
                                              *(PEER_PACKAGES if args.peers else [])]),
         "rows": rows,
@@ -275,7 +297,8 @@ def render(payload: dict) -> str:
     has = {case: any(row["medians"].get(case) is not None for row in rows) for case in (*TORCH_CASES, *ORT_CASES)}
     varied = common.rounds_varied(rows)
     columns = ["model", "batch", *(["rounds"] if varied else []), LABELS["forward"]]
-    columns += [LABELS[c] for c in ("gradient", "tsgb_eager", "tsgb_explicit", "tsgb_compiled") if has[c]]
+    shown = [c for c in TIMED_COLUMNS if has[c]]
+    columns += [LABELS[c] for c in shown]
     if has["ort_forward"] or has["ort_tsgb"]:
         columns += [LABELS["ort_forward"], LABELS["ort_tsgb"] + " (ratio to ORT forward)"]
     body = []
@@ -283,8 +306,10 @@ def render(payload: dict) -> str:
         m = row["medians"]
         cells = [row["model"], row["batch"], *([common.rounds_of(row["times"])] if varied else []),
                  format_ms(m.get("forward"))]
-        cells += [ratio_cell(m.get(c), m.get("forward")) for c in ("gradient", "tsgb_eager", "tsgb_explicit",
-                                                                    "tsgb_compiled") if has[c]]
+        cells += [ratio_cell(m.get(c), m.get("forward")) for c in shown]
+        same_layout = ratio(m.get("tsgb_eager_channels_last"), m.get("forward_channels_last"))
+        if same_layout is not None:  # the explainer against the forward on the same layout, too
+            cells[shown.index("tsgb_eager_channels_last") - len(shown)] += f"; {format_ratio(same_layout)} its forward"
         if has["ort_forward"] or has["ort_tsgb"]:
             ort_fwd = m.get("ort_forward")
             cells += [
@@ -328,6 +353,8 @@ def main(argv=None) -> dict:
     p.add_argument("--onnx-models", nargs="+", default=None,
                    help="ORT columns only for these of --models (the exports take a minute or more each)")
     p.add_argument("--no-explicit", action="store_true", help="skip the explicit graph")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time the forward and the eager explainer on a channels_last batch")
     p.add_argument("--peers", action="store_true",
                    help="also time the peers (benchmarks.peers) in the same rounds: one run, both tables")
     p.add_argument("--peers-json-out", type=Path, default=None, help="with --peers: the peers table's numbers")

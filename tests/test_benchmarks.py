@@ -183,6 +183,19 @@ def test_speed_table_has_ratios_to_the_right_baselines():
     assert "| resnet50 | 0.5 s | 9.0 s | 8.0 s | 60.0 s |" in text
 
 
+def test_channels_last_columns_and_targets_keep_the_nchw_forward_as_baseline():
+    payload = _speed_payload()
+    payload["rows"][1]["medians"].update(forward_channels_last=0.8, tsgb_eager_channels_last=1.2)
+    text = speed.render(payload)
+    assert "| forward, channels_last input | tsgb-fx eager, channels_last input |" in text
+    assert "| 0.80x (800 ms) | 1.20x (1200 ms); 1.50x its forward |" in text
+    assert "| resnet50 | 1 | 100 ms | 2.00x (200 ms) | 1.20x (120 ms) | n/a | n/a | 1.10x (110 ms) |" in text
+    rows = report.target_rows(payload, None, None, None)
+    channels_last = [row for row in rows if "channels_last" in row[0]]
+    assert [(row[1], row[2], row[4]) for row in channels_last] == [("vgg16", 8, "PASS")]  # only where measured
+    assert channels_last[0][3].startswith("1.20x; 1.50x its channels_last forward")
+
+
 def test_fastest_peer_and_peers_table():
     payload = _peers_payload()
     assert peers.fastest_peer(payload["rows"][0]["medians"]) == ("gradcam", 0.1)
