@@ -490,3 +490,33 @@ def test_positive_normalised_clips_negatives_and_scales_by_percentile():
     np.testing.assert_allclose(positive_normalised(torch.tensor(saliency)[None], percentile=50), expected)
     np.testing.assert_allclose(positive_normalised(saliency, percentile=100), np.clip(saliency, 0, None) / 100)
     assert not positive_normalised(-np.ones((4, 4))).any()
+
+
+def test_channels_last_hands_the_explainer_nhwc_batches_with_the_same_maps(tmp_path, capsys, monkeypatch):
+    """--channels-last: every batch reaches the explainer in channels_last memory format, and the
+    maps are those of the same run without the flag (float rounding apart)."""
+    import tsgb_fx.viz
+
+    layouts, drawn = [], {}
+    forward = tsgb_fx.Explainer.forward
+
+    def recording_forward(self, x, target=None):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return forward(self, x, target)
+
+    monkeypatch.setattr(tsgb_fx.Explainer, "forward", recording_forward)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, sample in {"a.png": "chelsea", "b.png": "coffee", "c.png": "chelsea"}.items():
+        shutil.copy(sample_path(sample), photos / name)
+    for flags in ([], ["--channels-last"]):
+        monkeypatch.setattr(tsgb_fx.viz, "save_panels", lambda png, photo, maps, *rest, flags=tuple(flags), **options:
+                            drawn.setdefault(flags, {}).update({Path(png).name: torch.stack(maps)}))
+        status = main(["explain", str(photos), "--model", TINY, "--size", "32", "--batch-size", "2",
+                       "--out", str(tmp_path / "out"), "--quiet", *flags])
+        assert status == 0, capsys.readouterr().err
+    assert layouts == [False, False, True, True]  # two batches per run
+    plain, nhwc = drawn[()], drawn[("--channels-last",)]
+    assert sorted(plain) == sorted(nhwc) == ["a_tsgb.png", "b_tsgb.png", "c_tsgb.png"]
+    for name in plain:
+        torch.testing.assert_close(nhwc[name], plain[name], rtol=1e-4, atol=1e-6 * plain[name].abs().max().item())
