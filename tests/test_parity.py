@@ -76,6 +76,19 @@ def test_torchvision_model_matches_reference(name):
     _check_parity(model, classifier, x)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "mobilenet_v2",
+                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+def test_channels_last_batches_match_reference(name):
+    """A channels_last batch keeps that layout through every rule (the relevance edges of DenseNet,
+    the depthwise live masks of MobileNetV2, EfficientNet's SiLU folds): the map is still the
+    reference's, which does not depend on layout."""
+    factory, classifier = MODELS[name]
+    model = _prepared(factory)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    _check_parity(model, classifier, x)
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_layer_groups_match_reference_on_depthwise_models(name):
     factory, classifier = MODELS[name]

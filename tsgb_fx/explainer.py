@@ -57,6 +57,10 @@ class Explainer(nn.Module):
     and ``e.to(device)`` moves those shared tensors as it would for any wrapper module. Only the
     input receives a backward signal; no weight gradient is computed and nothing writes ``.grad``.
 
+    Memory format: a batch is explained in the layout it comes in. A ``torch.channels_last`` batch
+    runs oneDNN's NHWC convolutions on a CPU, and the rules keep that layout; at batch 8 that made
+    explanations 10-25% quicker here (README, Speed), for the same maps up to float rounding.
+
     Thread safety: a call keeps its state in local variables and autograd contexts only (the
     rule Functions store nothing on modules or globals), so one explainer may serve several
     threads at once and gives the same maps as sequential calls. Changing the model's weights
