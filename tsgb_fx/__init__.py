@@ -6,6 +6,7 @@
 >>> r.saliency.shape                      # (N, 1, H, W)
 """
 
+from .allocator import reuse_freed_memory
 from .errors import TraceError, TSGBError
 from .explainer import Explainer, Explanation, explainer
 from .methods import METHODS, Method, Rule
@@ -24,4 +25,5 @@ __all__ = [
     "TraceError",
     "__version__",
     "explainer",
+    "reuse_freed_memory",
 ]

@@ -229,7 +229,10 @@ def explain_batch(setup: Setup, batch: torch.Tensor, target: int | None, top_k: 
 def cmd_explain(args) -> int:
     from tqdm import tqdm
 
+    from .allocator import reuse_freed_memory
     from .viz import save_panels
+
+    reuse_freed_memory()  # this process explains batch after batch: each reuses the memory of the last
 
     failed = False
 
