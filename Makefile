@@ -32,7 +32,8 @@ test-all: venv
 
 # Issue 4: speed with the peers in the same rounds, memory and scaling, then benchmarks/README.md
 # rewritten from benchmarks/results/*.json (the quality section is kept). The speed run also times the
-# forward and the eager explainer on a channels_last batch (--channels-last). 12 minutes measured on
+# forward and the eager explainer on a channels_last batch (--channels-last); benchmarks.allocator then
+# compares processes with and without tsgb_fx.reuse_freed_memory() at batch 8. 12 minutes measured on
 # these 2 shared cores. ORT runs on BENCH_ONNX_MODELS only: exporting an explainer takes 0.5-2 min per
 # model here (the one-off tables). compile=True is a separate target, `make bench-compile` (a cold
 # torch.compile per model and batch size, 0.5-4 minutes each here), whose results the report picks up.
@@ -40,6 +41,7 @@ test-all: venv
 # Override e.g. `make bench BENCH_MODELS=resnet50 BENCH_REPEATS=5 BENCH_THREADS=1`.
 BENCH_MODELS ?= resnet50 vgg16 densenet121 mobilenet_v2 efficientnet_b0
 BENCH_ONNX_MODELS ?= resnet50
+BENCH_ALLOCATOR_MODELS ?= resnet50 densenet121 mobilenet_v2 efficientnet_b0
 BENCH_REPEATS ?= 3
 BENCH_MIN_SECONDS ?= 20
 BENCH_THREADS ?=
@@ -61,6 +63,8 @@ bench: $(BIN)/.bench-installed
 		$(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) --cases forward_grad tsgb_eager \
 		--json-out $(BENCH_RESULTS)/memory.json
 	$(BIN)/python -m benchmarks.plot $(BENCH_ARGS) --json-out $(BENCH_RESULTS)/scaling.json
+	$(BIN)/python -m benchmarks.allocator --models $(BENCH_ALLOCATOR_MODELS) --batch-sizes 8 $(BENCH_ARGS) \
+		--json-out $(BENCH_RESULTS)/allocator.json
 	$(BIN)/python -m benchmarks.report
 
 # ORT on the models `make bench` does not export (minutes of export each here); the report adds

@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from . import common, memory, peers, plot, speed
+from . import allocator, common, memory, peers, plot, speed
 from .common import RESULTS_DIR, format_ms, format_ratio, format_seconds, markdown_table, ratio, verdict
 
 HERE = Path(__file__).resolve().parent
@@ -23,7 +23,7 @@ EAGER_LIMIT = {"resnet50": 1.3}  # issue 4: 1.3x on ResNet-50, 1.5x on the other
 EAGER_DEFAULT_LIMIT = 1.5
 ORT_LIMIT = 1.5
 MEMORY_LIMIT = 1.5
-BENCH_FILES = ("speed", "peers", "memory", "scaling")  # what `make bench` writes, in order
+BENCH_FILES = ("speed", "peers", "memory", "scaling", "allocator")  # what `make bench` writes, in order
 
 
 def load(results: Path, name: str) -> dict | None:
@@ -332,6 +332,7 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
     scaling = load(results, "scaling")
     peers_extra = load(results, "peers_extra")  # optional: a separate peers run, e.g. --gradcam-trainable
     onnx_extra = load(results, "onnx_extra")  # optional: `make bench-onnx`, ORT on the other models
+    allocator_data = load(results, "allocator")
     elapsed = None
     started = results / "started"  # `make bench` writes the epoch second it began
     finished = [(results / f"{name}.json").stat().st_mtime for name in BENCH_FILES if (results / f"{name}.json").exists()]
@@ -339,7 +340,7 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         elapsed = max(finished) - float(started.read_text().strip())
     datasets = {"speed": speed_data, "peers": peers_data, "memory": memory_data, "scaling": scaling,
                 "compile": compile_data, "onnx_extra": onnx_extra, "peers_extra": peers_extra,
-                "memory_compile": memory_compile}
+                "memory_compile": memory_compile, "allocator": allocator_data}
     targets = target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra, memory_compile)
 
     out = [
@@ -388,6 +389,15 @@ def readme(results: Path, png: Path | None, keep: list[str] = (), code_note: str
         speed.render(speed_data) if speed_data else "_Not run._",
         "",
     ]
+    if allocator_data:
+        out += ["### Freed memory kept for the next call", "",
+                "`tsgb_fx.reuse_freed_memory()` (called by `tsgb explain`) makes glibc keep the memory an "
+                "explanation frees for the next call, instead of returning it to the kernel and faulting fresh "
+                "pages in again (about 2 microseconds a page on this machine; `tsgb_fx/allocator.py`). The "
+                "setting holds for a whole process, so `python -m benchmarks.allocator` runs alternating pairs "
+                "of fresh processes, one model and batch size each, as `tsgb explain` would; the forward runs "
+                "under the same allocator as the explanation.", "",
+                allocator.render(allocator_data), ""]
     out += ["### torch.compile of the explicit graph", ""]
     if compile_data:
         out += [f"Measured separately with `make bench-compile` ({run_stamp(compile_data)}): compiling "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, memory, peers, plot, quality, report, speed
+from benchmarks import allocator, common, memory, peers, plot, quality, report, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,6 +194,21 @@ def test_channels_last_columns_and_targets_keep_the_nchw_forward_as_baseline():
     channels_last = [row for row in rows if "channels_last" in row[0]]
     assert [(row[1], row[2], row[4]) for row in channels_last] == [("vgg16", 8, "PASS")]  # only where measured
     assert channels_last[0][3].startswith("1.20x; 1.50x its channels_last forward")
+
+
+def _allocator_payload(reused=True):
+    medians = {"forward_default": 0.1, "tsgb_eager_default": 0.2, "forward_reuse": 0.08, "tsgb_eager_reuse": 0.12}
+    return {"kind": "allocator", "machine": MACHINE, "settings": {"size": 224, "repeats": 3, "warmup": 2, "pairs": 2},
+            "rows": [{"model": "mobilenet_v2", "batch": 8, "size": 224, "times": {}, "medians": medians,
+                      "reused": reused, "faults_per_call": {"default": 30000.0, "reuse": 12.0}}]}
+
+
+def test_allocator_table_compares_each_setting_with_its_own_forward():
+    text = allocator.render(_allocator_payload())
+    assert "median of 2 x 3 rounds per setting" in text
+    assert "| mobilenet_v2 | 8 | 100 ms | 80.0 ms | 200 ms | 120 ms | 0.60x | 2.00x | 1.50x | 30,000 | 12 |" in text
+    not_glibc = allocator.render(_allocator_payload(reused=False))  # nothing was reused: no such columns' values
+    assert "| mobilenet_v2 | 8 | 100 ms | n/a | 200 ms | n/a | n/a | 2.00x | n/a | 30,000 | n/a |" in not_glibc
 
 
 def test_fastest_peer_and_peers_table():
@@ -461,6 +476,13 @@ def test_speed_command_prints_a_table():
     out = _run("benchmarks.speed", "--models", "resnet18", "--batch-sizes", "1", "--size", "32", "--repeats", "1",
                "--warmup", "0", "--no-onnx", "--no-explicit", "--threads", "1")
     assert "| resnet18 | 1 |" in out and "tsgb-fx eager" in out
+
+
+def test_allocator_command_runs_both_settings_in_fresh_processes():
+    out = _run("benchmarks.allocator", "--models", "resnet18", "--batch-sizes", "1", "--size", "32", "--pairs", "1",
+               "--repeats", "1", "--warmup", "1", "--threads", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| resnet18 | 1 |"))
+    assert "n/a" not in row  # both settings measured, faults counted
 
 
 @pytest.mark.slow
