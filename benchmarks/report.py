@@ -288,7 +288,7 @@ def machine_paragraph(datasets: dict[str, dict], elapsed_s: float | None, code_n
         f"of a row runs round-robin in the same rounds (below), but they are not immune.",
     ]
     if elapsed_s is not None:
-        lines.append(f"- `make bench` (speed with peers, memory, scaling) took {elapsed_s / 60:.1f} minutes end "
+        lines.append(f"- `make bench` (speed with peers, memory, scaling, allocator) took {elapsed_s / 60:.1f} minutes end "
                      f"to end; compile, onnx_extra and peers_extra, where present, are separate runs.")
     if note:
         lines.append(f"- Note on this run: {note}")
