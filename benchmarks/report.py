@@ -104,7 +104,8 @@ def target_rows(speed_data, peers_data, memory_data, compile_data, onnx_extra=No
             r = ratio(m.get(case), m.get("forward"))
             measured = format_ratio(r) + spread(row, case, "forward")
             if case == "tsgb_eager_channels_last":  # the forward on the same layout, beside the verdict
-                measured += f"; {format_ratio(ratio(m.get(case), m.get('forward_channels_last')))} its channels_last forward"
+                same_layout = ratio(m.get(case), m.get("forward_channels_last"))
+                measured += f"; {format_ratio(same_layout)} its channels_last forward"
             rows.append([f"{what} <= {limit}x forward", row["model"], row["batch"], measured + busy(row, speed_data),
                          verdict(r, limit)])
     for row in (speed_data or {}).get("rows", []):
@@ -288,8 +289,8 @@ def machine_paragraph(datasets: dict[str, dict], elapsed_s: float | None, code_n
         f"of a row runs round-robin in the same rounds (below), but they are not immune.",
     ]
     if elapsed_s is not None:
-        lines.append(f"- `make bench` (speed with peers, memory, scaling, allocator) took {elapsed_s / 60:.1f} minutes end "
-                     f"to end; compile, onnx_extra and peers_extra, where present, are separate runs.")
+        lines.append(f"- `make bench` (speed with peers, memory, scaling, allocator) took {elapsed_s / 60:.1f} "
+                     f"minutes end to end; compile, onnx_extra and peers_extra, where present, are separate runs.")
     if note:
         lines.append(f"- Note on this run: {note}")
     return "\n".join(lines)

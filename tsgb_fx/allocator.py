@@ -13,8 +13,8 @@ faults per call.
 :func:`reuse_freed_memory` sets two of glibc's ``mallopt`` parameters for the whole process:
 ``M_MMAP_THRESHOLD`` to 1 GiB (blocks below it come from the heap, where freed blocks are reused;
 older glibc versions cap it at 32 MiB, which is then used) and ``M_TRIM_THRESHOLD`` to its maximum
-(the heap is not shrunk). Once the heap has settled (a few calls), calls of the same size fault 10-100 times less.
-The price: the process keeps its peak memory after a call instead of returning it, which is what
+(the heap is not shrunk). Once the heap has settled (a few calls), calls of the same size fault
+10-100 times less. The price: the process keeps its peak memory after a call instead of returning it, which is what
 a server or a batch job that explains image after image needs anyway, and wrong for a process that
 explains once and then needs the memory for something else. PyTorch's CPU performance guides
 reach the same end by preloading jemalloc or tcmalloc (``LD_PRELOAD``), which this needs no
@@ -41,8 +41,8 @@ INT_MAX = 2**31 - 1  # mallopt takes an int
 def reuse_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse, process-wide (module docstring); True if it now does.
 
-    False, changing nothing, where the C library is not glibc (macOS, Windows, musl) or refuses.
-    Calling it again is harmless.
+    False where the C library is not glibc (macOS, Windows, musl: nothing is changed) or glibc
+    refuses the settings. Calling it again is harmless.
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
