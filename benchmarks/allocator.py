@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from . import common
 from .common import TARGET_CLASS, format_ms, format_ratio, markdown_table, ratio
 
 MODES = ("default", "reuse")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(model_name: str, batch: int, size: int, mode: str, repeats: int, warmup: int,
@@ -69,18 +65,14 @@ def worker(model_name: str, batch: int, size: int, mode: str, repeats: int, warm
 
 
 def run_worker(model_name: str, batch: int, mode: str, args) -> dict | None:
-    command = [sys.executable, "-m", "benchmarks.allocator", "--worker", mode, "--models", model_name,
-               "--batch-sizes", str(batch), "--size", str(args.size), "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup)]
+    arguments = ["--worker", mode, "--models", model_name, "--batch-sizes", str(batch), "--size", str(args.size),
+                 "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.threads is not None:
-        command += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        message = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"  {model_name} batch {batch} {mode}: worker failed ({message})", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        arguments += ["--threads", str(args.threads)]
+    result, error = common.run_fresh("benchmarks.allocator", arguments)
+    if error is not None:
+        print(f"  {model_name} batch {batch} {mode}: worker failed ({error})", file=sys.stderr)
+    return result
 
 
 def run(args) -> dict:

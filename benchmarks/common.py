@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 TARGET_CLASS = 1  # every method explains this class for every image (a fixed, valid ImageNet class)
 MAX_ROUNDS_FACTOR = 5  # --min-seconds adds rounds up to this many times --repeats
 
@@ -268,6 +269,24 @@ def parser(description: str, *, models: Sequence[str] = ("resnet50",), batch_siz
     p.add_argument("--json-out", type=Path, default=None, help="write the raw numbers here (report.py reads them)")
     p.add_argument("--markdown-out", type=Path, default=None, help="write the printed table here")
     return p
+
+
+def run_fresh(module: str, arguments: Sequence[str], env: Mapping[str, str] | None = None):
+    """``python -m module *arguments`` in a fresh interpreter, from the repository root.
+
+    For what a process keeps for good once done (peak memory, allocator settings). Returns
+    ``(result, None)``, ``result`` the JSON of the worker's last line of output, or ``(None, error)``
+    with the last line of its stderr when it failed.
+    """
+    import subprocess
+
+    environment = {**os.environ, **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True,
+                          env=environment, cwd=ROOT)
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
 
 
 def check_device(device: str) -> None:

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,7 +53,6 @@ LABELS = {
 }
 OPTIONAL = ("tsgb_explicit", "tsgb_compiled")  # measured only when asked for (--explicit, --cases)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,18 +181,15 @@ def worker(model_name: str, case: str, batch_sizes, size: int, device: str, thre
 
 
 def run_worker(model_name: str, case: str, args) -> list[dict]:
-    command = [sys.executable, "-m", "benchmarks.memory", "--worker", case, "--models", model_name,
-               "--batch-sizes", *map(str, args.batch_sizes), "--size", str(args.size), "--device", args.device]
+    arguments = ["--worker", case, "--models", model_name, "--batch-sizes", *map(str, args.batch_sizes),
+                 "--size", str(args.size), "--device", args.device]
     if args.threads is not None:
-        command += ["--threads", str(args.threads)]
-    env = {**os.environ, **MALLOC_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        message = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        print(f"  {model_name} {case}: worker failed ({message[0]})", file=sys.stderr)
-        return [{"batch": b, "bytes": None, "error": message[0][:300]} for b in args.batch_sizes]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        arguments += ["--threads", str(args.threads)]
+    results, error = common.run_fresh("benchmarks.memory", arguments, MALLOC_ENV)
+    if error is not None:
+        print(f"  {model_name} {case}: worker failed ({error})", file=sys.stderr)
+        return [{"batch": b, "bytes": None, "error": error[:300]} for b in args.batch_sizes]
+    return results
 
 
 def run(args, progress=None) -> dict:
