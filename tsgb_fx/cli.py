@@ -11,6 +11,9 @@ A person's mistakes (missing path, file that is not an image, unknown model, wei
 fit, target out of range) print one line ``tsgb: error: ...`` on stderr and make the exit status
 non-zero; the other images of a run are still explained. Exit status: 0 all done, 1 something
 failed, 2 bad command line (argparse).
+
+``tsgb explain`` explains batch after batch in one process, so it first calls
+:func:`tsgb_fx.reuse_freed_memory`: each batch reuses the memory the last one freed.
 """
 
 from __future__ import annotations
