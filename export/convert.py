@@ -4,8 +4,8 @@ The path is ``explainer -> explicit fx graph (tsgb_fx.explicit) -> torch.export 
 -> torch.onnx (dynamo exporter, onnxscript's torchlib) -> inline every local function -> check``.
 The explicit graph has no autograd and no backward kernels left, so the exporter only sees
 ordinary ops (Conv, ConvTranspose, MatMul, MaxPool, ScatterElements, ArgMax, ...); before export,
-:mod:`tsgb_export.lowering` respells the broadcasts and masks that onnxruntime runs slowly,
-and :mod:`tsgb_export.maxpool` translates max pooling with indices.
+:mod:`tsgb_export.lowering` respells the broadcasts, masks and channel sums that onnxruntime
+runs slowly, and :mod:`tsgb_export.maxpool` translates max pooling with indices.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """tsgb_export.lowering: the explicit graph respelled for onnxruntime computes the same maps.
 
-The rewrites (broadcasts kept narrow, ``where`` masks as products) must change no number: the
+The rewrites (broadcasts kept narrow, ``where`` masks as products, channel sums as products with
+ones) must change no number beyond the order of additions: the
 lowered graph is compared with the graph it came from and with the autograd explainer, in
 float64, on a net that has every pattern the rewrites look for: rectifiers whose backward is a
 ``where``, TSGB-Conv's channel-broadcast signals sliced back to one channel, two broadcast
@@ -53,9 +54,11 @@ def _net() -> nn.Module:
 
 
 def _patterns(module) -> dict[str, int]:
-    """How many nodes of the two kinds that the lowering removes the graph holds."""
-    counts = {"expand into a broadcasting op or a slice": 0, "where with a zero branch": 0}
+    """How many nodes of the three kinds that the lowering removes the graph holds."""
+    counts = {"expand into a broadcasting op or a slice": 0, "where with a zero branch": 0, "channel sum": 0}
     for node in module.graph.nodes:
+        if node.target is aten.sum.dim_IntList and list(node.args[1]) == [1]:
+            counts["channel sum"] += 1
         if node.target is aten.expand.default and any(
             user.target in (aten.add.Tensor, aten.mul.Tensor, aten.slice.Tensor, aten.mul_.Tensor)
             for user in node.users
@@ -78,8 +81,14 @@ def test_lowered_graph_gives_the_same_maps_without_broadcasts_or_where_masks():
     assert all(count > 0 for count in before.values()), before  # the net exercises every rewrite
     expected_logits, expected_saliency = graph(images, target)
 
+    distinct_sums = {(node.args[0], tuple(node.args[1]), node.args[2]) for node in graph.graph.nodes
+                     if node.target is aten.sum.dim_IntList}
+    assert len(distinct_sums) < before["channel sum"]  # a rectified output is summed as y and as x
+
     lowered = lower_for_onnx(graph)
     assert _patterns(lowered) == dict.fromkeys(before, 0)
+    products = [node for node in lowered.graph.nodes if node.target is aten.matmul.default]
+    assert len(products) == len(distinct_sums)  # each tensor's sum is written once
     logits, saliency = lowered(images, target)
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
     assert relative_error(saliency, expected_saliency) < 1e-14
@@ -106,6 +115,31 @@ def test_a_broadcast_that_changes_the_shape_is_kept():
     torch.testing.assert_close(lowered(a, b), f(a, b), rtol=0, atol=0)
 
 
+def test_sums_over_one_inner_axis_become_products_with_ones():
+    """Any one inner axis, with or without keepdim, negative or not: the same sums in float64.
+    Sums the rewrite leaves (the batch or the last axis, several axes, a dtype, integers) stay."""
+
+    def f(x, counts):
+        rewritten = (x.sum(1, keepdim=True), x.sum(-4, keepdim=True), x.sum(2), x.sum(3, keepdim=True))
+        kept = (x.sum(0, keepdim=True), x.sum(-1), x.sum((1, 2)), x.sum(1, dtype=torch.float32), counts.sum(1))
+        return rewritten + kept
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(2, 5, 4, 3, 6, dtype=torch.float64)
+    counts = torch.randint(0, 9, (2, 7, 3))
+    traced = make_fx(f, tracing_mode="fake")(x, counts)  # sizes known, as the explicit graph's after the batch
+    lowered = lower_for_onnx(traced)
+    left = sorted((str(node.args[1]), str(node.args[0].meta["val"].dtype)) for node in lowered.graph.nodes
+                  if node.target is aten.sum.dim_IntList)
+    assert left == sorted([("[0]", "torch.float64"), ("[-1]", "torch.float64"), ("[1, 2]", "torch.float64"),
+                           ("[1]", "torch.float64"), ("[1]", "torch.int64")])  # the float64 [1]: dtype=float32
+    assert sum(node.target is aten.matmul.default for node in lowered.graph.nodes) == 3  # sum(1) == sum(-4)
+    for got, want in zip(lowered(x, counts), f(x, counts), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 @pytest.mark.slow
 def test_exported_file_holds_the_lowered_ops(tmp_path):
     """The ONNX file has no Where masks and no Expand into elementwise ops; ORT gives the map."""
@@ -123,6 +157,7 @@ def test_exported_file_holds_the_lowered_ops(tmp_path):
     elementwise = {"Add", "Mul", "Sub", "Div", "Slice"}
     users = {(producers.get(name), node.op_type) for node in graph.node for name in node.input}
     assert not [pair for pair in users if pair[0] == "Expand" and pair[1] in elementwise]
+    assert not [node for node in graph.node if node.op_type == "ReduceSum"]  # channel sums are MatMuls
     result = OnnxExplainer(path, providers=["CPUExecutionProvider"])(images.numpy(), target=[1, 3])
     expected = explainer(images, target=torch.tensor([1, 3])).saliency
     assert relative_error(torch.from_numpy(result.saliency), expected) < 1e-5
