@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hand each batch to the explainer in channels_last memory format (same maps up to float "
         "rounding): oneDNN's NHWC convolutions made batches of 8 of the default model 21%% faster on 2 CPU "
-        "cores (273 -> 216 ms), and the five benchmark models' 5-21%% in the last make bench "
+        "cores (273 -> 216 ms), and the five benchmark models' 5-26%% in the last two make bench runs "
         "(benchmarks/README.md); single images gain less, or lose",
     )
     explain.set_defaults(func=cmd_explain)

@@ -59,7 +59,7 @@ class Explainer(nn.Module):
 
     Memory format: a batch is explained in the layout it comes in. A ``torch.channels_last`` batch
     runs oneDNN's NHWC convolutions on a CPU, and the rules keep that layout; at batch 8 that made
-    explanations 5-21% quicker here (README, Speed), for the same maps up to float rounding.
+    explanations 5-26% quicker here in two runs (README, Speed), for the same maps up to float rounding.
 
     Thread safety: a call keeps its state in local variables and autograd contexts only (the
     rule Functions store nothing on modules or globals), so one explainer may serve several
