@@ -51,7 +51,7 @@ NEGATED_COMPARISON = {aten.le.Scalar: aten.gt.Scalar, aten.eq.Scalar: aten.ne.Sc
 def lower_for_onnx(module: fx.GraphModule) -> fx.GraphModule:
     """Apply the rewrites above to ``module`` in place; returns it, recompiled."""
     graph = module.graph
-    made_for_sums = {}
+    sums, rows_of_ones = {}, {}  # shared by the channel-sum rewrites of this graph
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -62,7 +62,7 @@ def lower_for_onnx(module: fx.GraphModule) -> fx.GraphModule:
         if node.target is aten.where.self:
             _where_as_product(graph, node)
         elif node.target is aten.sum.dim_IntList:
-            _inner_sum_as_matmul(graph, node, made_for_sums)
+            _inner_sum_as_matmul(graph, node, sums, rows_of_ones)
     graph.eliminate_dead_code()
     graph.lint()
     module.recompile()
@@ -188,17 +188,17 @@ def _where_as_product(graph: fx.Graph, node: fx.Node) -> None:
     node.replace_all_uses_with(product)
 
 
-def _inner_sum_as_matmul(graph: fx.Graph, node: fx.Node, made: dict) -> None:
+def _inner_sum_as_matmul(graph: fx.Graph, node: fx.Node, sums: dict, rows_of_ones: dict) -> None:
     """``x.sum(d, keepdim)`` over one inner axis ``d`` -> ``ones(1, D) @ x.reshape(-1, D, L)``.
 
     ``L`` is the product of the sizes after ``d``; the leading ``-1`` takes the batch and the
     axes before ``d``, so only those after the batch need to be known. Skipped for a dtype
     argument, several axes, the batch or last axis, and integer tensors.
 
-    ``made`` keeps the products and the rows of ones already written in this graph: the graph
-    sums some tensors twice (a rectified output is one layer's ``y`` and the next one's ``x``),
-    which onnxruntime merges as ``ReduceSum`` nodes but not as products with distinct constants,
-    so a repeated sum reuses the first product and one row of ones serves each size.
+    ``sums`` and ``rows_of_ones`` keep what this graph's rewrites already wrote: the graph sums
+    some tensors twice (a rectified output is one layer's ``y`` and the next one's ``x``), which
+    onnxruntime merges as ``ReduceSum`` nodes but not as products with distinct constants, so a
+    repeated sum reuses the first product, and one row of ones serves each size.
     """
     source, dims = node.args[0], node.args[1] if len(node.args) > 1 else None
     keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
@@ -211,15 +211,15 @@ def _inner_sum_as_matmul(graph: fx.Graph, node: fx.Node, made: dict) -> None:
     if not all(isinstance(size, int) for size in shape[1:]):
         return
     key = (source, dim, keepdim)
-    if key not in made:
+    if key not in sums:
         size, rest = shape[dim], math.prod(shape[dim + 1:])
         summed = [-1, *shape[1:dim], *((1,) if keepdim else ()), *shape[dim + 1:]]
         with graph.inserting_before(node):
-            ones_key = (size, value.dtype, value.device)
-            if ones_key not in made:
-                made[ones_key] = graph.call_function(aten.new_ones.default, (source, [1, size]))
+            row = (size, value.dtype, value.device)
+            if row not in rows_of_ones:  # written before the first sum, so it precedes every later one
+                rows_of_ones[row] = graph.call_function(aten.new_ones.default, (source, [1, size]))
             flat = graph.call_function(aten.reshape.default, (source, [-1, size, rest]))
-            product = graph.call_function(aten.matmul.default, (made[ones_key], flat))
-            made[key] = graph.call_function(aten.reshape.default, (product, summed))
-        made[key].meta = dict(node.meta)
-    node.replace_all_uses_with(made[key])
+            product = graph.call_function(aten.matmul.default, (rows_of_ones[row], flat))
+            sums[key] = graph.call_function(aten.reshape.default, (product, summed))
+        sums[key].meta = dict(node.meta)
+    node.replace_all_uses_with(sums[key])
