@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import tsgb_fx
 from tsgb_fx.explicit import DECOMPOSITIONS, explicit_module, export_program
@@ -28,6 +29,8 @@ from tsgb_fx.explicit import DECOMPOSITIONS, explicit_module, export_program
 from .explicit_models import MODELS, build, explainer_for, model_params
 from .helpers import map_error, randomise_batch_norm, relative_error
 from .reference_tsgb import reference_saliency, swap_in_reference_rules
+
+aten = torch.ops.aten
 
 TOLERANCE = 1e-5
 FLOAT64_TOLERANCE = 1e-9
@@ -88,6 +91,7 @@ AVG_POOLS = {  # kernel, stride, padding, ceil_mode, count_include_pad, divisor_
     "dropped-rows": ((2, 3), (2, 3), (0, 0), False, True, None, (7, 11)),
     "divisor": ((2, 2), (2, 2), (0, 0), True, True, 3, (6, 6)),
     "tiling-3d": ((2, 2, 2), (), (0, 0, 0), False, True, None, (4, 5, 6)),
+    "tiling-3d-exact": ((2, 3, 1), (2, 3, 1), (0, 0, 0), False, True, None, (4, 6, 5)),
     "ceil-partial-window": ((2, 2), (2, 2), (0, 0), True, True, None, (7, 7)),
     "overlapping-padded": ((3, 3), (2, 2), (1, 1), False, False, None, (9, 8)),
     "overlapping-padded-3d": ((3, 3, 3), (1, 1, 1), (1, 1, 1), False, True, None, (4, 5, 3)),
@@ -96,7 +100,8 @@ AVG_POOLS = {  # kernel, stride, padding, ceil_mode, count_include_pad, divisor_
 
 @pytest.mark.parametrize("case", list(AVG_POOLS))
 def test_average_pooling_backward_decomposition_matches_torch(case):
-    """The graph's avg_poolNd_backward (one window matrix per axis) against torch's own kernel."""
+    """The graph's avg_poolNd_backward (one window matrix per axis, or a broadcast where the windows
+    tile the input) against torch's own kernel."""
     kernel, stride, padding, ceil_mode, count_include_pad, divisor, size = AVG_POOLS[case]
     spatial = len(kernel)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
@@ -106,6 +111,10 @@ def test_average_pooling_backward_decomposition_matches_torch(case):
     backward = getattr(torch.ops.aten, f"avg_pool{spatial}d_backward").default
     arguments = (grad, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
     assert torch.allclose(DECOMPOSITIONS[backward](*arguments), backward(*arguments), rtol=1e-12, atol=1e-15)
+    traced = make_fx(DECOMPOSITIONS[backward])(*arguments)
+    products = [node for node in traced.graph.nodes if node.target in (aten.mm.default, aten.bmm.default)]
+    tiles = stride in ((), kernel) and not any(padding) and all(s % k == 0 for s, k in zip(size, kernel))
+    assert bool(products) != tiles, case  # windows that tile the input are spread without matmuls
 
 
 def test_saturated_relu6_units_carry_no_relevance_in_the_graph():
