@@ -1,7 +1,7 @@
 """tsgb_export.lowering: the explicit graph respelled for onnxruntime computes the same maps.
 
 The rewrites (broadcasts kept narrow, ``where`` masks as products, channel sums as products with
-ones) must change no number beyond the order of additions: the
+ones, signs as clamped products) must change no number beyond the order of additions: the
 lowered graph is compared with the graph it came from and with the autograd explainer, in
 float64, on a net that has every pattern the rewrites look for: rectifiers whose backward is a
 ``where``, TSGB-Conv's channel-broadcast signals sliced back to one channel, two broadcast
@@ -11,6 +11,9 @@ in-place ``sign(x) * BoxT(r)``), a depthwise convolution and an average pool.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -54,9 +57,11 @@ def _net() -> nn.Module:
 
 
 def _patterns(module) -> dict[str, int]:
-    """How many nodes of the three kinds that the lowering removes the graph holds."""
-    counts = {"expand into a broadcasting op or a slice": 0, "where with a zero branch": 0, "channel sum": 0}
+    """How many nodes of the four kinds that the lowering removes the graph holds."""
+    counts = {"expand into a broadcasting op or a slice": 0, "where with a zero branch": 0, "channel sum": 0,
+              "sign": 0}
     for node in module.graph.nodes:
+        counts["sign"] += node.target is aten.sign.default
         if node.target is aten.sum.dim_IntList and list(node.args[1]) == [1]:
             counts["channel sum"] += 1
         if node.target is aten.expand.default and any(
@@ -140,6 +145,53 @@ def test_sums_over_one_inner_axis_become_products_with_ones():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+def _special_values(dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of both signs, infinities, the smallest subnormal and normal, the largest value, and
+    random values across the range, in ``dtype``."""
+    info = torch.finfo(dtype)
+    smallest_subnormal = info.tiny * info.eps
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), smallest_subnormal, -smallest_subnormal,
+                            3 * smallest_subnormal, info.tiny, -info.tiny, info.max, -info.max, 1.0, -1.0],
+                           dtype=torch.float64)
+    scales = torch.logspace(math.log10(info.tiny), math.log10(info.max), 50, dtype=torch.float64)
+    return torch.cat([special, scales * torch.randn(50, dtype=torch.float64)]).clamp(-info.max, info.max).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_signs_become_clamped_products_equal_to_sign_for_every_value(dtype):
+    """``sign(x)`` -> ``clamp(x * 2^e * 2^e, -1, 1)``: exactly torch's sign, subnormals and
+    infinities included; an integer sign stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, counts):
+        return x.sign(), counts.sign()
+
+    torch.manual_seed(0)
+    x, counts = _special_values(dtype), torch.randint(-3, 4, (9,))
+    lowered = lower_for_onnx(make_fx(f)(x, counts))
+    signs = [node for node in lowered.graph.nodes if node.target is aten.sign.default]
+    assert [node.args[0].meta["val"].dtype for node in signs] == [torch.int64]
+    got, got_counts = lowered(x, counts)
+    assert torch.equal(got, x.sign()) and got.dtype == dtype
+    assert torch.equal(got_counts, counts.sign())
+
+
+def test_onnxruntime_runs_the_clamped_sign_exactly():
+    """onnxruntime keeps the two products apart (one constant 2^254 would be infinite) and does not
+    flush subnormals: the exported float32 sign equals numpy's for every special value."""
+    ort = pytest.importorskip("onnxruntime")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    x = _special_values(torch.float32)
+    lowered = lower_for_onnx(make_fx(torch.sign)(x))
+    program = torch.onnx.export(lowered.eval(), (x,), dynamo=True, verbose=False)
+    assert "Sign" not in [node.op_type for node in program.model_proto.graph.node]
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.array_equal(got, np.sign(x.numpy()))
+
+
 @pytest.mark.slow
 def test_exported_file_holds_the_lowered_ops(tmp_path):
     """The ONNX file has no Where masks and no Expand into elementwise ops; ORT gives the map."""
@@ -158,6 +210,7 @@ def test_exported_file_holds_the_lowered_ops(tmp_path):
     users = {(producers.get(name), node.op_type) for node in graph.node for name in node.input}
     assert not [pair for pair in users if pair[0] == "Expand" and pair[1] in elementwise]
     assert not [node for node in graph.node if node.op_type == "ReduceSum"]  # channel sums are MatMuls
+    assert not [node for node in graph.node if node.op_type == "Sign"]  # signs are clamped products
     result = OnnxExplainer(path, providers=["CPUExecutionProvider"])(images.numpy(), target=[1, 3])
     expected = explainer(images, target=torch.tensor([1, 3])).saliency
     assert relative_error(torch.from_numpy(result.saliency), expected) < 1e-5
