@@ -5,7 +5,8 @@ The path is ``explainer -> explicit fx graph (tsgb_fx.explicit) -> torch.export 
 The explicit graph has no autograd and no backward kernels left, so the exporter only sees
 ordinary ops (Conv, ConvTranspose, MatMul, MaxPool, ScatterElements, ArgMax, ...); before export,
 :mod:`tsgb_export.lowering` respells the broadcasts, masks and channel sums that onnxruntime
-runs slowly, and :mod:`tsgb_export.maxpool` translates max pooling with indices.
+runs slowly, :mod:`tsgb_export.maxpool` translates max pooling with indices and
+:mod:`tsgb_export.threshold` thresholds at zero.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tsgb_fx.explicit import explicit_module, export_program
 
 from .lowering import lower_for_onnx
 from .maxpool import MAX_POOL_TRANSLATIONS
+from .threshold import THRESHOLD_TRANSLATIONS
 
 INPUT_NAMES = ("image", "target")
 OUTPUT_NAMES = ("logits", "saliency")
@@ -89,7 +91,8 @@ def to_onnx(
             output_names=list(OUTPUT_NAMES),
             opset_version=opset,
             dynamo=True,
-            custom_translation_table=MAX_POOL_TRANSLATIONS,  # torch's indices without a second pool
+            # torch's max-pool indices without a second pool; threshold as ThresholdedRelu, not Where
+            custom_translation_table={**MAX_POOL_TRANSLATIONS, **THRESHOLD_TRANSLATIONS},
             # onnxscript's optimiser folds `x + 1e-10` into `x`, removing every stabiliser that
             # keeps the rules finite (0 / 0 = NaN on all-zero windows); ORT optimises at load.
             optimize=False,

@@ -118,7 +118,7 @@ def test_average_pooling_backward_decomposition_matches_torch(case):
 
 
 def test_saturated_relu6_units_carry_no_relevance_in_the_graph():
-    """The graph's ReLU6 carrier (``out * (out < 6)``, folded into TSGB-Conv) against the
+    """The graph's ReLU6 carrier (``out - threshold(out, below(6), 0)``, folded into TSGB-Conv) against the
     module-swapping reference, whose ReLU6 backward is torch's own, on a net where many units
     sit exactly at 0 and at 6."""
     torch.manual_seed(4)
@@ -139,6 +139,30 @@ def test_saturated_relu6_units_carry_no_relevance_in_the_graph():
     _, saliency = _run(tsgb_fx.explainer(model).explicit(images), images, target)
     expected = reference_saliency(swap_in_reference_rules(model, "8"), images, target)
     assert relative_error(saliency, expected) < FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("clamp", [(0.0, 6.0), (-1.0, 1.0), (0.0, 1.0)])
+def test_traced_rectifier_carrier_is_the_rectifier_backward(clamp, dtype):
+    """The carrier the graph records equals torch's own rectifier backward applied to ``out``
+    (``out`` where ``min < out < max``, else 0), bit for bit, on values at both bounds, one step
+    inside each, and in between, in every floating dtype."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tsgb_fx.rules.rectify import largest_below, relevance_carrier
+
+    low, high = clamp
+    torch.manual_seed(0)
+    inside = torch.rand(200, dtype=torch.float64) * (high - low) + low
+    edges = torch.tensor([low, high, largest_below(high, dtype), -largest_below(-low, dtype) if low else 1e-30])
+    out = torch.cat([edges.to(torch.float64), inside]).to(dtype).clamp(low, high)
+    traced = make_fx(lambda t: relevance_carrier(t, clamp), tracing_mode="symbolic")(out)
+    ops = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    assert (aten.threshold.default in ops) == (low == 0), ops  # ReLU6-like bounds: threshold, not masks
+    assert not [node for node in traced.graph.nodes if node.op == "get_attr"]  # no tensor made while tracing
+    expected = torch.ops.aten.hardtanh_backward(out, out, low, high)
+    assert (out == high).any() and (expected == 0).any() and (expected != 0).any()
+    assert torch.equal(traced(out), expected)
 
 
 def test_silu_carriers_in_the_graph_match_the_reference():

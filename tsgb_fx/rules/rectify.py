@@ -14,9 +14,11 @@ are gone, and ``out`` is the tensor the next op saves anyway (nothing extra stay
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .tracing import is_traced
 
@@ -39,17 +41,42 @@ def relevance_carrier(out: torch.Tensor, clamp: Clamp | None) -> torch.Tensor:
     rectifier's backward, so they carry no relevance. Eagerly that is the rectifier's own
     backward applied to ``out`` (``out`` where ``min < out < max``, else 0): one fused pass, half
     the time of arithmetic on the sign. In a traced graph (the explicit graph, ONNX) that
-    backward decomposes into two comparisons, an or, a not, a cast and a product; for ``min ==
-    0`` one comparison does, since ``out == 0`` adds nothing to a product (onnxruntime:
-    MobileNetV2's 35 ReLU6 carriers went from six full-size passes each to three).
+    backward decomposes into two comparisons, an or, a not, a cast and a product. For ``min ==
+    0`` (ReLU6), where ``out == 0`` adds nothing to a product, it is
+    ``out - threshold(out, below(max), 0)``: ``threshold`` keeps the values above the largest
+    number below ``max`` in ``out``'s dtype, which, as ``out <= max``, are the saturated units
+    (``out == max``), so the difference is ``out`` with those set to 0, exactly (a ``max`` the
+    dtype does not hold keeps one comparison, ``out * (out < max)``). onnxruntime runs
+    that as ``ThresholdedRelu`` and ``Sub`` (:mod:`tsgb_export.threshold`), where a comparison, a
+    cast of its booleans and a product took 7% more of MobileNetV2's whole explainer.
     """
     if carries_output(clamp):
         return out
     low, high = clamp
     if is_traced(out):
+        below = largest_below(high, out.dtype) if low == 0 else None
+        if below is not None:
+            return out - F.threshold(out, below, 0.0)
         inside = out < high if low == 0 else (out > low) & (out < high)
         return out * inside.to(out.dtype)
     return torch.ops.aten.hardtanh_backward(out, out, low, high)
+
+
+def largest_below(bound: float, dtype: torch.dtype) -> float | None:
+    """The largest number of ``dtype`` below ``bound`` (``5.9999995`` for 6 in float32), or None
+    unless ``dtype`` holds ``bound`` exactly as a normal number above its smallest one.
+
+    Plain arithmetic on ``torch.finfo`` rather than ``torch.nextafter``: tensors made while the
+    graph is traced would be recorded in it. With ``bound = m * 2^e`` (``0.5 <= m < 1``), the
+    numbers of ``dtype`` in ``[2^(e-1), 2^e)`` are ``2^(e-1) * eps`` apart, and half that below
+    a power of two (``m == 0.5``).
+    """
+    info = torch.finfo(dtype)
+    mantissa, exponent = math.frexp(bound)
+    if not info.tiny < bound <= info.max or not (2 * mantissa / info.eps).is_integer():
+        return None
+    step = 2.0 ** (exponent - 1) * info.eps
+    return bound - (step / 2 if mantissa == 0.5 else step)
 
 
 def carries_output(clamp: Clamp | None) -> bool:
