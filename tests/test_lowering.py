@@ -1,12 +1,14 @@
 """tsgb_export.lowering: the explicit graph respelled for onnxruntime computes the same maps.
 
 The rewrites (broadcasts kept narrow, ``where`` masks as products, channel sums as products with
-ones, signs as clamped products) must change no number beyond the order of additions: the
+ones, signs as clamped products, tiled spreads as transposed convolutions) must change no number
+beyond the order of additions: the
 lowered graph is compared with the graph it came from and with the autograd explainer, in
 float64, on a net that has every pattern the rewrites look for: rectifiers whose backward is a
 ``where``, TSGB-Conv's channel-broadcast signals sliced back to one channel, two broadcast
 signals summed where one activation feeds two strided convolutions, non-rectified inputs (the
-in-place ``sign(x) * BoxT(r)``), a depthwise convolution and an average pool.
+in-place ``sign(x) * BoxT(r)``), a depthwise convolution and an average pool whose windows tile
+its input.
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ def _net() -> nn.Module:
 
 
 def _patterns(module) -> dict[str, int]:
-    """How many nodes of the four kinds that the lowering removes the graph holds."""
+    """How many nodes of the five kinds that the lowering removes the graph holds."""
     counts = {"expand into a broadcasting op or a slice": 0, "where with a zero branch": 0, "channel sum": 0,
-              "sign": 0}
+              "sign": 0, "expand spread over tiles": 0}
     for node in module.graph.nodes:
         counts["sign"] += node.target is aten.sign.default
+        counts["expand spread over tiles"] += node.target is aten.expand.default and any(
+            user.target in (aten.clone.default, aten._unsafe_view.default, aten.view.default) for user in node.users
+        )
         if node.target is aten.sum.dim_IntList and list(node.args[1]) == [1]:
             counts["channel sum"] += 1
         if node.target is aten.expand.default and any(
@@ -145,6 +150,41 @@ def test_sums_over_one_inner_axis_become_products_with_ones():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+TILING_POOLS = {  # spatial, input size, kernel, divisor_override
+    "1-d": (1, (6,), (3,), None),
+    "2-d": (2, (4, 6), (2, 3), None),
+    "2-d divisor": (2, (4, 4), (2, 2), 3),
+    "3-d": (3, (2, 4, 6), (1, 2, 3), None),
+}
+
+
+@pytest.mark.parametrize("case", list(TILING_POOLS))
+def test_tiled_spreads_become_transposed_convolutions(case):
+    """The explicit graph's backward of an average pool whose windows tile the input (a broadcast)
+    becomes a depthwise transposed convolution with a kernel of ones: the numbers of torch's own
+    ``avg_poolNd_backward`` exactly (float64), with no expand left."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tsgb_fx.explicit import DECOMPOSITIONS
+
+    spatial, size, kernel, divisor = TILING_POOLS[case]
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    grad = torch.randn(2, 3, *(s // k for s, k in zip(size, kernel)), dtype=torch.float64)
+    backward = getattr(aten, f"avg_pool{spatial}d_backward").default if spatial > 1 else None
+    if backward is None:  # avg_pool1d has no backward op of its own: it runs as a 2-d pool
+        x, grad, kernel, spatial = x.unsqueeze(2), grad.unsqueeze(2), (1, *kernel), 2
+        backward = aten.avg_pool2d_backward.default
+    arguments = (grad, x, list(kernel), list(kernel), [0] * spatial, False, True, divisor)
+    traced = make_fx(DECOMPOSITIONS[backward], tracing_mode="fake")(*arguments)  # static sizes, as after the batch
+    assert [node for node in traced.graph.nodes if node.target is aten.expand.default]
+    lowered = lower_for_onnx(traced)
+    assert not [node for node in lowered.graph.nodes if node.target is aten.expand.default]
+    transposed = [node for node in lowered.graph.nodes if node.target is aten.convolution.default]
+    assert len(transposed) == 1 and transposed[0].args[6] is True and transposed[0].args[8] == 3
+    assert torch.equal(lowered(*arguments), backward(*arguments))
+
+
 def _special_values(dtype: torch.dtype) -> torch.Tensor:
     """Zeros of both signs, infinities, the smallest subnormal and normal, the largest value, and
     random values across the range, in ``dtype``."""
@@ -211,6 +251,7 @@ def test_exported_file_holds_the_lowered_ops(tmp_path):
     assert not [pair for pair in users if pair[0] == "Expand" and pair[1] in elementwise]
     assert not [node for node in graph.node if node.op_type == "ReduceSum"]  # channel sums are MatMuls
     assert not [node for node in graph.node if node.op_type == "Sign"]  # signs are clamped products
+    assert not [node for node in graph.node if node.op_type == "Expand" and producers.get(node.input[0]) == "Reshape"]
     result = OnnxExplainer(path, providers=["CPUExecutionProvider"])(images.numpy(), target=[1, 3])
     expected = explainer(images, target=torch.tensor([1, 3])).saliency
     assert relative_error(torch.from_numpy(result.saliency), expected) < 1e-5
