@@ -38,9 +38,9 @@ tenth at batch 1, the fourth DenseNet-121 and the fifth EfficientNet-B0 a few pe
   ``x`` is not rectified (the image, SiLU outputs read twice, batch-norm outputs). onnxruntime's
   ``Sign`` kernel is scalar: 6.0 ms for 8x32x112x112 floats on this machine's CPU, where ``Abs``
   of three times as many takes 1.0 ms. ``sign(x)`` becomes ``clamp(x * 2^e * 2^e, -1, 1)`` with
-  ``2^e`` the dtype's largest power of two below half its range (``2^127`` for float32): two
-  products push every nonzero ``x``, the smallest subnormal included, to at least 1 in magnitude
-  (or to infinity), the clamp returns exactly -1, 0 or 1; 3.3 ms for the same tensor.
+  ``2^e`` the dtype's largest power of two (``2^127`` for float32): two products push every
+  nonzero ``x``, the smallest subnormal included, to at least 1 in magnitude (or to infinity),
+  and the clamp returns exactly -1, 0 or 1; 3.3 ms for the same tensor.
 
 Shapes are read from the nodes' ``meta["val"]`` (make_fx records them, symbolic batch
 included); a rewrite whose shapes cannot be proven equal without a new guard is skipped.
