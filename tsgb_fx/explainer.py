@@ -20,6 +20,7 @@ from .compiled import CompiledGraphs
 from .methods import Method, Rule, resolve_method
 from .outputs import OutputSelector, select_output
 from .ops import OpSite, find_op_sites
+from .pooling import route_max_pools
 from .rewrite import RuleSite, rewrite
 from .trace import trace
 
@@ -359,6 +360,7 @@ def explainer(
     shape = first_conv.weight_shape if first_conv is not None else None
     groups = first_conv.arguments.get("groups") if first_conv is not None else None
     rules = rewrite(graph_module, chosen.rules)
+    route_max_pools(graph_module)  # plain-gradient max pools through the faster channels-last kernel
     return Explainer(
         graph_module,
         rules,
