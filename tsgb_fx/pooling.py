@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .rules.box import per_axis
 from .rules.tracing import is_traced
 
 aten = torch.ops.aten
@@ -44,20 +45,16 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         return g_x, None, None, None, None, None
 
 
-def _pairs(value) -> list[int]:
-    values = list(value) if isinstance(value, (tuple, list)) else [value]
-    return [int(v) for v in (values * 2 if len(values) == 1 else values)]
-
-
 def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> torch.Tensor:
     """``F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)``, through the
     channels-last kernel for a contiguous 4-d CPU batch (see the module docstring)."""
     if (is_traced(x) or x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous()
             or x.is_contiguous(memory_format=torch.channels_last)):  # one channel or 1x1: both layouts
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    kernel = _pairs(kernel_size)
-    strides = _pairs(stride) if stride not in (None, []) else kernel
-    return _ChannelsLastMaxPool.apply(x, kernel, strides, _pairs(padding), _pairs(dilation), bool(ceil_mode))
+    kernel = list(per_axis(kernel_size, 2))
+    strides = list(per_axis(stride, 2)) if stride else kernel  # None or [] (ATen's default): the kernel
+    return _ChannelsLastMaxPool.apply(x, kernel, strides, list(per_axis(padding, 2)), list(per_axis(dilation, 2)),
+                                      bool(ceil_mode))
 
 
 _MAX_POOL_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
