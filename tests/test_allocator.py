@@ -1,8 +1,10 @@
 """reuse_freed_memory: later explanations reuse freed memory instead of faulting in fresh pages.
 
 Each measurement runs in a fresh interpreter, so this test process's allocator stays as it is.
-The count is the kernel's minor page faults (``ru_minflt``) over repeated explanations of one
-batch: a property of the allocator, not a timing.
+The count is the kernel's minor page faults (``ru_minflt``) of one explanation of a batch, the
+median over nine calls: a property of the allocator, not a timing. With reuse nearly every call
+faults no page, but now and then one call still grows the heap (1,456 faults once in 15 calls
+here), which in a mean over five calls came within the test's margin.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ FAULTS_PER_CALL = textwrap.dedent("""
     expected = explainer(x, target=1).saliency
     for _ in range(10):  # the reused heap settles over the first calls
         explainer(x, target=1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    faults = []
+    for _ in range(9):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.testing.assert_close(explainer(x, target=1).saliency, expected, rtol=0, atol=0)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(sorted(faults)[len(faults) // 2])
 """)
 
 
