@@ -130,7 +130,9 @@ LAYER_FORWARDS = {
 }
 
 
-def _bind(names, defaults, args, kwargs) -> dict[str, Any]:
+def bind_arguments(names, defaults, args, kwargs) -> dict[str, Any]:
+    """A call's arguments by name: ``defaults``, then ``args`` in the order of ``names``, then
+    ``kwargs``, with torch's ``input``/``self`` called ``x``."""
     bound = dict(defaults)
     bound.update(zip(names, args))
     bound.update({("x" if key in ("input", "self") else key): value for key, value in kwargs.items()})
@@ -222,7 +224,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module]) -> OpSite | None:
         if node.target not in _METHODS:
             return None
         kind, names, defaults = _METHODS[node.target]
-        return _function_site(node, kind, _bind(("x", *names), defaults, node.args, node.kwargs))
+        return _function_site(node, kind, bind_arguments(("x", *names), defaults, node.args, node.kwargs))
     if node.op != "call_function":
         return None
     target = node.target
@@ -236,7 +238,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module]) -> OpSite | None:
             defaults = {**defaults, "min_val": minimum, "max_val": maximum}
     else:
         return None
-    return _function_site(node, kind, _bind(names, defaults, node.args, node.kwargs))
+    return _function_site(node, kind, bind_arguments(names, defaults, node.args, node.kwargs))
 
 
 def find_op_sites(graph_module: fx.GraphModule) -> list[OpSite]:

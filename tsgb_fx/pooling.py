@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .ops import bind_arguments
 from .rules.box import per_axis
 from .rules.tracing import is_traced
 
@@ -70,8 +71,7 @@ def _max_pool_arguments(node: fx.Node, modules: dict[str, nn.Module]):
     if node.op != "call_function" or node.target not in (F.max_pool2d, torch.max_pool2d, aten.max_pool2d.default):
         return None
     names = ("x", *_MAX_POOL_ARGUMENTS, "return_indices")
-    bound = dict(zip(names, node.args))
-    bound.update({("x" if key in ("input", "self") else key): value for key, value in node.kwargs.items()})
+    bound = bind_arguments(names, {}, node.args, node.kwargs)
     if bound.pop("return_indices", False) or "x" not in bound or not set(bound) <= set(names):
         return None
     return bound.pop("x"), bound
